@@ -1,0 +1,8 @@
+"""moejax: a JAX research framework for Mixture-of-Experts language models.
+
+Dimension legend used in names throughout (`router_logits_TxE`, `w_in_EDF`):
+  B batch, L length, T tokens (B*L), D d_model, H query heads, G kv heads, Dh head dim,
+  F FFN hidden, E experts, K top-k, C expert capacity, V vocab, S cache slots.
+"""
+
+__version__ = "0.1.0"
