@@ -1,0 +1,209 @@
+"""Trainer: config validation, resume bitwise, metrics files, NaN handling, load(), balancing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from moejax.model.config import ConfigError
+from moejax.train import checkpoint, config_lib
+from moejax.train.trainer import NonFiniteLossError, train_and_evaluate
+from tests.train.conftest import REPO, seed_workdir, tiny_config
+
+ALL_CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                     if f.endswith(".py") and not f.startswith("_"))
+
+
+def _params(workdir):
+  model, _ = checkpoint.load(str(workdir))
+  from flax import nnx
+  return jax.tree.leaves(nnx.state(model))
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"moe.top_k": 99}, "moe.top_k"),
+    ({"moe.balance": "aux_loss,magic"}, "moe.balance"),
+    ({"moe.n_groups": 3, "moe.topk_groups": 1}, "moe.n_groups"),
+    ({"moe.n_groups": 2, "moe.topk_groups": 3}, "moe.topk_groups"),
+    ({"train.batch_size": 0}, "train.batch_size"),
+    ({"train.seq_len": 4096}, "train.seq_len"),
+    ({"opt.lr": -1.0}, "opt.lr"),
+    ({"model.num_heads": 3}, "model.num_heads"),
+    ({"mesh.expert": 0}, "mesh.expert"),
+])
+def test_config_validation_names_the_field(override, field):
+  config = tiny_config("base", **override)
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    config_lib.validate(config)
+
+
+def test_cli_rejects_bad_override_before_compiling(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "moejax.train", "--config=configs/base.py:smoke",
+       f"--workdir={workdir}", "--config.moe.top_k=99"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "moe.top_k=99" in proc.stderr
+  assert not (workdir / "checkpoints").exists()
+  proc = subprocess.run(
+      [sys.executable, "-m", "moejax.train", "--config=configs/base.py:smoke",
+       f"--workdir={workdir}", "--config.moe.top_k=two"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "top_k" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_config_trains_two_smoke_steps(name, tmp_path, tokenizer_dir):
+  config = tiny_config(name)
+  seed_workdir(tmp_path, tokenizer_dir, config)
+  result = train_and_evaluate(config, str(tmp_path), progress=False)
+  assert result["step"] == 2
+  assert np.isfinite(result["loss"]) and np.isfinite(result["val_loss"])
+
+
+def test_resume_is_bitwise_identical(tmp_path, tokenizer_dir):
+  config = tiny_config("alf_lb", **{"train.num_steps": 6, "train.checkpoint_every": 100,
+                                    "train.eval_every": 100})
+  straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+  for w in (straight, chunked):
+    seed_workdir(w, tokenizer_dir, config)
+  train_and_evaluate(config, str(straight), progress=False)
+  first = train_and_evaluate(config, str(chunked), max_steps_this_run=3, progress=False)
+  assert first["step"] == 3
+  assert checkpoint.manager(str(chunked), read_only=True).latest_step() == 3
+  train_and_evaluate(config, str(chunked), progress=False)
+  a, b = _params(straight), _params(chunked)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path, tokenizer_dir):
+  config = tiny_config("aux_loss", **{"train.num_steps": 400, "train.checkpoint_every": 1000,
+                                      "train.eval_every": 1000, "train.log_every": 1})
+  killed, straight = tmp_path / "killed", tmp_path / "straight"
+  for w in (killed, straight):
+    seed_workdir(w, tokenizer_dir, config)
+  with open(killed / "config.json", "w") as f:
+    f.write(config_lib.to_json(config))
+  overrides = ["--config.train.num_steps=400", "--config.train.checkpoint_every=1000",
+               "--config.train.eval_every=1000", "--config.train.log_every=1"]
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "moejax.train", "--config=configs/aux_loss.py:smoke",
+       f"--workdir={killed}", *overrides], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 180
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        break
+      assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  stopped_at = checkpoint.manager(str(killed), read_only=True).latest_step()
+  assert stopped_at is not None and 2 <= stopped_at < 400, stopped_at
+  # Resume in this process to the same total as an uninterrupted run of `stopped_at + 2` steps.
+  config.train.num_steps = stopped_at + 2
+  train_and_evaluate(config, str(killed), progress=False)
+  train_and_evaluate(config, str(straight), progress=False)
+  for x, y in zip(_params(killed), _params(straight)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_metrics_files_have_the_contract_keys(tmp_path, tokenizer_dir):
+  config = tiny_config("alf_lb", **{"train.num_steps": 4})
+  seed_workdir(tmp_path, tokenizer_dir, config)
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  keys = set().union(*rows)
+  expected = {"step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "mfu",
+              "aux_loss", "z_loss", "max_vio_batch", "max_vio_global", "dropped_fraction",
+              "max_vio_batch/layer_0", "max_vio_global/layer_0"}
+  assert expected <= keys, expected - keys
+  from moejax.summary import read_scalars
+  scalars = read_scalars(str(tmp_path / "tb"))
+  assert expected - {"step"} <= set(scalars), (expected - {"step"}) - set(scalars)
+  assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+  acc.Reload()
+  assert "expert_load/train" in acc.Tags()["images"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer_dir):
+  config = tiny_config("base", **{"train.num_steps": 5, "train.checkpoint_every": 1,
+                                  "opt.lr": 1e30, "opt.warmup_steps": 0, "opt.grad_clip": 0.0})
+  seed_workdir(tmp_path, tokenizer_dir, config)
+  with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* step in \(\d+, \d+\]"):
+    train_and_evaluate(config, str(tmp_path), progress=False)
+  latest = checkpoint.manager(str(tmp_path), read_only=True).latest_step()
+  assert latest is not None and latest >= 1
+  model, _ = checkpoint.load(str(tmp_path))   # the last good checkpoint still loads
+  assert model is not None
+
+
+def test_load_gives_a_callable_model(tmp_path, tokenizer_dir):
+  config = tiny_config("base")
+  seed_workdir(tmp_path, tokenizer_dir, config)
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  import moejax
+  model, loaded_config = moejax.load(str(tmp_path))
+  tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % config.model.vocab_size
+  logits = model(tokens)
+  assert logits.shape == (2, 6, config.model.vocab_size)
+  assert loaded_config.moe.num_experts == config.moe.num_experts
+  again, _ = moejax.load(str(tmp_path / "checkpoints" / "2"))
+  np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(logits))
+  with pytest.raises(FileNotFoundError, match="run directory"):
+    moejax.load(str(tmp_path / "nope"))
+
+
+def _run_balance(tmp_path, tokenizer_dir, balance, name):
+  config = tiny_config("alf_lb", **{
+      "train.num_steps": 40, "train.batch_size": 4, "train.log_every": 1, "train.eval_every": 40,
+      "moe.balance": balance, "moe.bias_update_rate": 5e-2, "moe.num_experts": 8})
+  workdir = tmp_path / name
+  seed_workdir(workdir, tokenizer_dir, config)
+  train_and_evaluate(config, str(workdir), progress=False)
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  vio = [r["max_vio_batch"] for r in rows if "max_vio_batch" in r]
+  return float(np.mean(vio[-15:]))
+
+
+def test_alf_lb_lowers_max_vio_vs_no_balancing(tmp_path, tokenizer_dir):
+  unbalanced = _run_balance(tmp_path, tokenizer_dir, "none", "none")
+  alf = _run_balance(tmp_path, tokenizer_dir, "alf_lb", "alf")
+  assert alf < unbalanced, (alf, unbalanced)
+
+
+def test_loss_decreases_on_default_corpus(tmp_path, tokenizer_dir):
+  config = tiny_config("base", **{"train.num_steps": 30, "train.log_every": 1,
+                                  "train.batch_size": 4, "train.eval_every": 30})
+  seed_workdir(tmp_path, tokenizer_dir, config)
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(l)]
+  assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.5, losses
+
+
+def test_sweep_dry_run_prints_one_command_per_point(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "launch/sweep.py", "--config=configs/alf_lb.py:smoke",
+       f"--study_dir={tmp_path}", "--dry_run", "--config.train.num_steps=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if "moejax.train" in l]
+  assert len(lines) == 6
+  assert all("--config.train.num_steps=3" in l and "--config.moe.top_k=" in l for l in lines)
+  assert len({l.split("--workdir=")[1].split()[0] for l in lines}) == 6
