@@ -1,0 +1,157 @@
+"""Causal grouped-query self-attention with document (segment) masking and a slot-ordered KV cache.
+
+Masking rule (design.md): a query attends to a key iff the key's cache slot is <= the query's slot and
+both carry the same *nonzero* segment id. Segment id 0 marks padding / empty slots; a query of
+segment 0 attends to nothing and its output is exactly 0 (no NaN). Packed documents therefore never
+see each other, and left-padded rows in a decode batch ignore their padding.
+
+References:
+  Scaled dot-product attention: Vaswani et al., arXiv 1706.03762, Eq. 1.
+  Grouped-query attention: Ainslie et al., arXiv 2305.13245 (query head h uses kv head h // (H/G),
+    the `repeat_kv` layout of HF Llama/Mixtral/Qwen3).
+  QK-norm: RMSNorm on q and k per head before RoPE, as Qwen3 (OLMoE, arXiv 2409.02060, normalises
+    over all heads jointly; the per-head form is used here).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moejax import sharding
+from moejax.model.config import ModelConfig
+from moejax.model.layers import RMSNorm, apply_rope, dtype_of, normal_param
+
+
+@struct.dataclass
+class KVCache:
+  """Per-layer keys/values in slot order plus the segment id of every slot.
+
+  k, v: tuples (one entry per layer) of [B, S, G, Dh]; segment_ids_BxS: int32, 0 = empty/padding;
+  index: int32 scalar, the next slot to write (shared by all rows).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  segment_ids_BxS: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    if batch <= 0 or max_len <= 0:
+      raise ValueError(f"KVCache.create: batch and max_len must be positive, got {batch}, {max_len}")
+    dt = dtype_of(cfg.compute_dtype) if dtype is None else jnp.dtype(dtype)
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    return cls(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+               segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids_BxS.shape[1]
+
+  def write_segments(self, segment_ids_BxL: jax.Array) -> jax.Array:
+    """Slot segment ids after writing the L new ones at `index` (does not advance the index)."""
+    return jax.lax.dynamic_update_slice(self.segment_ids_BxS, segment_ids_BxL.astype(jnp.int32),
+                                        (0, self.index))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions.
+# ----------------------------------------------------------------------------------------------
+
+def attention_mask(q_segment_BxL: jax.Array, kv_segment_BxS: jax.Array,
+                   q_slot_L: jax.Array) -> jax.Array:
+  """Boolean [B, L, S]: key slot <= query slot, same segment, and the query's segment nonzero."""
+  kv_slot_S = jnp.arange(kv_segment_BxS.shape[1], dtype=jnp.int32)
+  causal_LxS = kv_slot_S[None, :] <= q_slot_L[:, None]
+  same_BxLxS = q_segment_BxL[:, :, None] == kv_segment_BxS[:, None, :]
+  return causal_LxS[None] & same_BxLxS & (q_segment_BxL != 0)[:, :, None]
+
+
+def dot_product_attention(q_BxLxHxDh: jax.Array, k_BxSxGxDh: jax.Array, v_BxSxGxDh: jax.Array,
+                          mask_BxLxS: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v with GQA head grouping (arXiv 1706.03762 Eq. 1, 2305.13245).
+
+  Scores and softmax in fp32; fully masked query rows return 0. Output in q's dtype.
+  """
+  b, l, h, dh = q_BxLxHxDh.shape
+  g = k_BxSxGxDh.shape[2]
+  if h % g:
+    raise ValueError(f"attention: {h} query heads not divisible by {g} kv heads")
+  q_BxLxGxRxDh = q_BxLxHxDh.reshape(b, l, g, h // g, dh)
+  scores = jnp.einsum("blgrd,bsgd->bgrls", q_BxLxGxRxDh, k_BxSxGxDh.astype(q_BxLxHxDh.dtype),
+                      preferred_element_type=jnp.float32) * (dh ** -0.5)
+  mask = mask_BxLxS[:, None, None, :, :]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+  out = jnp.einsum("bgrls,bsgd->blgrd", probs.astype(q_BxLxHxDh.dtype),
+                   v_BxSxGxDh.astype(q_BxLxHxDh.dtype), preferred_element_type=jnp.float32)
+  return out.reshape(b, l, h, dh).astype(q_BxLxHxDh.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module.
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query causal self-attention with RoPE and optional QK-norm."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, g, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    self.rope_theta = cfg.rope_theta
+    self.compute_dtype = dtype_of(cfg.compute_dtype)
+    self.wq_DxHxDh = normal_param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), cfg)
+    self.wk_DxGxDh = normal_param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.wv_DxGxDh = normal_param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), cfg)
+    self.wo_HxDhxD = normal_param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(dh, cfg, rngs=rngs, axis_name="head_dim")
+      self.k_norm = RMSNorm(dh, cfg, rngs=rngs, axis_name="head_dim")
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, *,
+               cache: KVCache | None = None, layer: int = 0):
+    """Returns (y_BxLxD, (k_BxSxGxDh, v_BxSxGxDh) or None).
+
+    Without a cache the L tokens attend among themselves (slots 0..L-1). With a cache, the new keys
+    and values of layer `layer` are written at slots cache.index .. cache.index+L-1 and the queries
+    attend over all S slots; the updated (k, v) of this layer is returned for the caller to store.
+    The caller keeps index + L <= S (dynamic_update_slice would clamp the write otherwise).
+    """
+    dt = self.compute_dtype
+    x = x_BxLxD.astype(dt)
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxDh[...].astype(dt))
+    k = jnp.einsum("bld,dgk->blgk", x, self.wk_DxGxDh[...].astype(dt))
+    v = jnp.einsum("bld,dgk->blgk", x, self.wv_DxGxDh[...].astype(dt))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions_BxL, self.rope_theta)
+    k = apply_rope(k, positions_BxL, self.rope_theta)
+    q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+    segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    length = x.shape[1]
+    if cache is None:
+      q_slot_L = jnp.arange(length, dtype=jnp.int32)
+      k_all, v_all, kv_segment_BxS, new_kv = k, v, segment_ids_BxL, None
+    else:
+      if not 0 <= layer < len(cache.k):
+        raise ValueError(f"Attention: layer={layer} but the cache holds {len(cache.k)} layers")
+      if length > cache.max_len:
+        raise ValueError(f"Attention: {length} new tokens exceed the cache's {cache.max_len} slots")
+      start = (0, cache.index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), start)
+      v_all = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), start)
+      kv_segment_BxS = cache.write_segments(segment_ids_BxL)
+      q_slot_L = cache.index + jnp.arange(length, dtype=jnp.int32)
+      new_kv = (k_all, v_all)
+
+    mask = attention_mask(segment_ids_BxL, kv_segment_BxS, q_slot_L)
+    out = dot_product_attention(q, k_all, v_all, mask)
+    y = jnp.einsum("blhk,hkd->bld", out, self.wo_HxDhxD[...].astype(dt))
+    return y, new_kv
