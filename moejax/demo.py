@@ -40,6 +40,8 @@ def main(argv=None) -> int:
   parser.add_argument("--skip_eval", action="store_true", help="train only; no eval worker")
   args = parser.parse_args(argv)
 
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO.
   from moejax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
   workdirs = []
   for name in RUNS:

@@ -5,7 +5,7 @@ Intentionally short: parse flags, initialise jax.distributed when asked, call th
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -16,6 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at INFO.
+  from moejax.data import DataError  # pylint: disable=g-import-not-at-top
   from moejax.model.config import ConfigError  # pylint: disable=g-import-not-at-top
   from moejax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
@@ -25,7 +27,7 @@ def main(argv):
     pass
   try:
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, DataError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   summary = {k: v for k, v in result.items() if not k.startswith("max_vio_") or "/" not in k}

@@ -36,8 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 2048
   c.model.max_seq_len = 1024
   c.model.compute_dtype = "float32"   # CPU default; use bfloat16 on GPU/TPU.
-  c.moe = ml_collections.ConfigDict({name: getattr(defaults, name) for name in _MOE_FIELDS})
-  c.moe.balance = "aux_loss"          # comma-separated subset of moejax.model.config.BALANCE_METHODS.
+  moe = {name: getattr(defaults, name) for name in _MOE_FIELDS}
+  moe["balance"] = "aux_loss"         # comma-separated subset of moejax.model.config.BALANCE_METHODS.
+  c.moe = ml_collections.ConfigDict(moe)          # comma-separated subset of moejax.model.config.BALANCE_METHODS.
   c.moe.num_experts = 8
   c.moe.top_k = 2
   c.moe.expert_ff_dim = 128

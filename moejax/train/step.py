@@ -103,10 +103,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: ModelConfig
       # Algorithm 1: after the optimizer step, from this step's loads over the global batch.
       model = nnx.merge(graphdef, params, model_state)
       for layer, load_E in zip(moe_layers(model), aux["tokens_per_expert"]):
-        layer.router_bias_E.value = balance.update_bias(layer.router_bias_E.value, load_E, cfg.bias_update_rate,
+        layer.router_bias_E[...] = balance.update_bias(layer.router_bias_E[...], load_E, cfg.bias_update_rate,
                                                cfg.bias_update_rule)
       _, _, model_state = nnx.split(model, nnx.Param, ...)
-    metrics = {"loss": ce, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     if aux:
       metrics.update(moe_metrics(aux))
     new_state = TrainState(state.step + 1, params, model_state, opt_state, state.rng)
