@@ -1,0 +1,1 @@
+"""Benchmarks (never tests): `python -m moejax.bench.kernels`."""
