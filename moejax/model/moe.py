@@ -23,6 +23,8 @@ experts still run) and are left out of every statistic.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,6 +37,16 @@ from moejax.model.layers import MLP, dtype_of, normal_param
 
 AUX_KEYS = ("tokens_per_expert", "aux_loss", "seq_aux_loss", "z_loss", "moepp_loss",
             "balance_loss", "max_vio", "dropped_fraction", "router_entropy")
+
+
+def _expert_parallel(impl: str):
+  """`moejax.parallel.expert_parallel.ep_experts` bound to the active mesh when its expert axis is
+  > 1 (shard_map all-to-all EP), else None: the single-device path."""
+  if sharding.active() is None:
+    return None
+  from moejax.parallel import expert_parallel  # pylint: disable=import-outside-toplevel
+  plan = expert_parallel.plan_from_active()
+  return None if plan is None else functools.partial(expert_parallel.ep_experts, plan=plan, impl=impl)
 
 
 class RouterBias(nnx.Variable):
@@ -107,6 +119,14 @@ class MoELayer(nnx.Module):
                                              1.0 - cfg.expert_dropout, (t, cfg.num_routed))
     bias_E = (None if self.router_bias_E is None
               else jax.lax.stop_gradient(self.router_bias_E[...].astype(jnp.float32)))
+    ops = get_ops(cfg.impl)
+    if hasattr(ops, "route") and expert_mask_TxE is None and cfg.n_groups == 0:
+      # Fused Pallas router (moejax.kernels.router): same selection, gates and gradients.
+      idx_TxK, gates_TxK, scores_TxE, _, _ = ops.route(
+          logits_TxE, bias_E, top_k=cfg.top_k, score_fn=cfg.score_fn,
+          renormalize=cfg.renormalize, routed_scaling_factor=cfg.routed_scaling_factor)
+      unbiased_TxK = idx_TxK if bias_E is None else routing.top_k(scores_TxE, cfg.top_k)[1]
+      return logits_TxE, routing.Routing(scores_TxE, idx_TxK, gates_TxK, unbiased_TxK)
     r = routing.route(logits_TxE, bias_E, top_k=cfg.top_k, score_fn=cfg.score_fn,
                       renormalize=cfg.renormalize, routed_scaling_factor=cfg.routed_scaling_factor,
                       n_groups=cfg.n_groups, topk_groups=cfg.topk_groups,
@@ -144,7 +164,10 @@ class MoELayer(nnx.Module):
 
     dropped_fraction = jnp.zeros((), jnp.float32)
     zc_gates_TxK = gates_TxK
-    if cfg.dispatch == "dropless":
+    ep = _expert_parallel(cfg.impl)   # None unless a mesh with an expert axis > 1 is active.
+    if cfg.dispatch == "dropless" and ep is not None:
+      y_TxD, _, _ = ep(x_c, idx_TxK, gates_TxK, *weights)
+    elif cfg.dispatch == "dropless":
       y_TxD = dispatch.dropless(x_c, idx_TxK, gates_TxK, *weights, get_ops(cfg.impl))
     else:
       if cfg.num_zc_experts:
@@ -154,7 +177,15 @@ class MoELayer(nnx.Module):
         zc_gates_TxK = jnp.where(dispatch.capacity_keep(idx_TxK, caps_E), gates_TxK, 0.0)
       else:
         c_ffn = dispatch.expert_capacity(t, k, e, cfg.capacity_factor)
-      y_TxD, dropped_fraction = dispatch.capacity(x_c, idx_TxK, gates_TxK, *weights, c_ffn)
+      if ep is None:
+        y_TxD, dropped_fraction = dispatch.capacity(x_c, idx_TxK, gates_TxK, *weights, c_ffn)
+      else:  # each batch shard is one GShard group: the same capacity formula on its tokens.
+        cap_fn = ((lambda tl: moepp.heterogeneous_capacities(tl, k, e, cfg.num_zc_experts,
+                                                             cfg.moepp_tau, cfg.capacity_factor)[0])
+                  if cfg.num_zc_experts else
+                  (lambda tl: dispatch.expert_capacity(tl, k, e, cfg.capacity_factor)))
+        y_TxD, dropped_fraction, _ = ep(x_c, idx_TxK, gates_TxK, *weights, mode="capacity",
+                                        capacity_fn=cap_fn)
       if mask_T is not None:  # report per real (unmasked) copy.
         dropped_fraction = dropped_fraction * t / jnp.maximum(jnp.sum(mask_T), 1)
     if cfg.num_zc_experts:

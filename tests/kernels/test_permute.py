@@ -61,7 +61,8 @@ def test_moe_layer_pallas_matches_xla():
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from moejax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
   kw = dict(vocab_size=64, d_model=32, num_layers=1, num_heads=2, ff_dim=32, expert_ff_dim=32,
-            num_experts=4, top_k=2, compute_dtype="float32", param_dtype="float32", init_std=0.2)
+            num_experts=4, top_k=2, compute_dtype="float32", param_dtype="float32", init_std=0.2,
+            balance=("aux_loss", "seq_aux_loss", "alf_lb"), score_fn="sigmoid")
   x = jax.random.normal(jax.random.key(0), (2, 20, 32), jnp.float32)
 
   def loss_and_grads(impl):

@@ -113,10 +113,11 @@ def test_sigterm_saves_and_resume_matches(tmp_path, tokenizer_dir):
       proc.kill()
   stopped_at = checkpoint.manager(str(killed), read_only=True).latest_step()
   assert stopped_at is not None and 2 <= stopped_at < 400, stopped_at
-  # Resume in this process to the same total as an uninterrupted run of `stopped_at + 2` steps.
-  config.train.num_steps = stopped_at + 2
-  train_and_evaluate(config, str(killed), progress=False)
-  train_and_evaluate(config, str(straight), progress=False)
+  # Resume in this process for 2 more steps; compare with an uninterrupted run of as many steps
+  # (same num_steps, so the same LR schedule).
+  train_and_evaluate(config, str(killed), max_steps_this_run=2, progress=False)
+  train_and_evaluate(config, str(straight), max_steps_this_run=stopped_at + 2, progress=False)
+  assert checkpoint.manager(str(straight), read_only=True).latest_step() == stopped_at + 2
   for x, y in zip(_params(killed), _params(straight)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
