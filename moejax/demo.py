@@ -28,15 +28,15 @@ def _load_config(name: str):
 
 def demo_config(name: str, num_steps: int):
   config = _load_config(name)
-  config.train.update(num_steps=num_steps, eval_every=num_steps, checkpoint_every=num_steps,
-                      log_every=10, eval_batches=8)
+  config.train.update(num_steps=num_steps, batch_size=8, seq_len=128, eval_every=num_steps,
+                      checkpoint_every=num_steps, log_every=10, eval_batches=8)
   return config
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--skip_eval", action="store_true", help="train only; no eval worker")
   args = parser.parse_args(argv)
 
