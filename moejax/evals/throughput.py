@@ -102,3 +102,39 @@ def markdown(rows: Sequence[ThroughputRow]) -> str:
                  f"{r.decode_tokens_per_sec:.1f} | {r.ttft_ms:.1f} | {r.itl_ms_p50:.2f} | "
                  f"{r.itl_ms_p95:.2f} | {r.compile_s:.1f} | {ue} |")
   return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  """python -m moejax.evals.throughput (--workdir W | --config configs/x.py) [--batch_sizes 1,8,32]"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(description="Prefill/decode throughput, TTFT and ITL of a model.")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a run dir: its latest checkpoint")
+  src.add_argument("--config", help="a configs/*.py file: a randomly initialised model (speed only)")
+  p.add_argument("--batch_sizes", default="1,8,32")
+  p.add_argument("--prompt_len", type=int, default=128)
+  p.add_argument("--new_tokens", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args(argv)
+  if args.workdir:
+    from moejax.train.checkpoint import load  # pylint: disable=import-outside-toplevel
+    model, _ = load(args.workdir)
+  else:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from moejax.model import Transformer  # pylint: disable=import-outside-toplevel
+    from moejax.train import config_lib  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location("throughput_config", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = Transformer(config_lib.model_config(module.get_config()), rngs=nnx.Rngs(0))
+  sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+  rows = measure(model, batch_sizes=sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                 repeats=args.repeats)
+  print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} repeats")
+  print(markdown(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
