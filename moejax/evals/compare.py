@@ -3,7 +3,8 @@
 Reads each run directory's `config.json`, `metrics.jsonl` (training and validation scalars) and
 `eval/results.jsonl` (the eval worker's rows) — files only, no JAX — and prints a markdown table:
 method, top-k, experts, val loss, MaxVio_global, train tokens/s, then per benchmark pass@1 and
-canonical-solution NLL, and decode tokens/s, TTFT and ITL p50 at the smallest measured batch size.
+canonical-solution NLL, and decode tokens/s, TTFT and ITL p50 at the smallest measured batch size, and unique experts
+per decode step at the largest.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return []
   rows = []
   with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
+    lines = f.readlines()
+  for n, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n < len(lines):   # a writer may be mid-append: only the last line may be torn.
         raise ValueError(f"{path}:{n}: not a JSON object ({e})") from e
   return rows
 
@@ -70,7 +73,9 @@ def summarize(workdir: str) -> dict[str, Any]:
     row["decode_tok_s"] = first["decode_tokens_per_sec"]
     row["ttft_ms"] = first.get("ttft_ms")
     row["itl_ms_p50"] = first.get("itl_ms_p50")
-    row["unique_experts"] = first.get("unique_experts_per_step")
+    # Unique experts per decode step is always top_k at batch 1; the largest batch is informative.
+    largest = max(speed, key=lambda r: r.get("batch_size", 0))
+    row["unique_experts"] = largest.get("unique_experts_per_step")
   return row
 
 
