@@ -15,3 +15,21 @@ def load(path: str, step: int | None = None):
   """
   from moejax.train.checkpoint import load as _load  # pylint: disable=g-import-not-at-top
   return _load(path, step)
+
+
+def generate(model, config_or_tokenizer, prompts, **opts):
+  """`moejax.generate(model, config, prompts, max_new_tokens=..., temperature=0, ...)`.
+
+  Batched KV-cache generation (`moejax.infer.generate`) from a trained or converted model.
+  `config_or_tokenizer`: the run's ConfigDict (its `data.tokenizer` names the tokenizer.json; set by
+  `moejax.convert`), a `tokenizers.Tokenizer`, a tokenizer.json path or a run directory.
+  """
+  from moejax.infer import generate as _generate  # pylint: disable=g-import-not-at-top
+  tok = config_or_tokenizer
+  data = getattr(tok, "data", None) if not hasattr(tok, "encode") else None
+  if data is not None and "tokenizer" in data:
+    if not data.tokenizer:
+      raise ValueError("moejax.generate: config.data.tokenizer is empty (the run trained its own "
+                       "BPE): pass the run directory or its tokenizer.json instead of the config")
+    tok = data.tokenizer
+  return _generate(model, tok, prompts, **opts)

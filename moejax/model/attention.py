@@ -9,8 +9,8 @@ References:
   Scaled dot-product attention: Vaswani et al., arXiv 1706.03762, Eq. 1.
   Grouped-query attention: Ainslie et al., arXiv 2305.13245 (query head h uses kv head h // (H/G),
     the `repeat_kv` layout of HF Llama/Mixtral/Qwen3).
-  QK-norm: RMSNorm on q and k per head before RoPE, as Qwen3 (OLMoE, arXiv 2409.02060, normalises
-    over all heads jointly; the per-head form is used here).
+  QK-norm: RMSNorm on q and k before RoPE, per head as Qwen3 (`qk_norm_scope="head"`) or over all
+    heads jointly as OLMoE, arXiv 2409.02060 (`qk_norm_scope="all"`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ class KVCache:
     if batch <= 0 or max_len <= 0:
       raise ValueError(f"KVCache.create: batch and max_len must be positive, got {batch}, {max_len}")
     dt = dtype_of(cfg.compute_dtype) if dtype is None else jnp.dtype(dtype)
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+    shape = v_shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+    if cfg.attention == "mla":  # MLA caches its latent c_kv in `k` and the shared RoPE key in `v`.
+      shape, v_shape = (batch, max_len, 1, cfg.kv_lora_rank), (batch, max_len, 1, cfg.qk_rope_head_dim)
     zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
-    return cls(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+    return cls(k=zeros, v=tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.num_layers)),
                segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
@@ -106,7 +108,11 @@ class Attention(nnx.Module):
     self.wk_DxGxDh = normal_param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), cfg)
     self.wv_DxGxDh = normal_param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), cfg)
     self.wo_HxDhxD = normal_param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg)
-    if cfg.qk_norm:
+    self.qk_norm_all = cfg.qk_norm_scope == "all"  # OLMoE: one RMSNorm over all H*Dh (G*Dh) dims.
+    if cfg.qk_norm and self.qk_norm_all:
+      self.q_norm = RMSNorm(h * dh, cfg, rngs=rngs, axis_name=None)
+      self.k_norm = RMSNorm(g * dh, cfg, rngs=rngs, axis_name=None)
+    elif cfg.qk_norm:
       self.q_norm = RMSNorm(dh, cfg, rngs=rngs, axis_name="head_dim")
       self.k_norm = RMSNorm(dh, cfg, rngs=rngs, axis_name="head_dim")
     else:
@@ -126,7 +132,10 @@ class Attention(nnx.Module):
     q = jnp.einsum("bld,dhk->blhk", x, self.wq_DxHxDh[...].astype(dt))
     k = jnp.einsum("bld,dgk->blgk", x, self.wk_DxGxDh[...].astype(dt))
     v = jnp.einsum("bld,dgk->blgk", x, self.wv_DxGxDh[...].astype(dt))
-    if self.q_norm is not None:
+    if self.q_norm is not None and self.qk_norm_all:
+      q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+      k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    elif self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions_BxL, self.rope_theta)
     k = apply_rope(k, positions_BxL, self.rope_theta)

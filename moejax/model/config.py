@@ -17,6 +17,8 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BALANCE_METHODS = ("none", "aux_loss", "seq_aux_loss", "alf_lb", "z_loss", "moepp_loss")
 DISPATCH_MODES = ("dropless", "capacity")
 IMPLS = ("xla", "pallas", "auto")
+ATTENTION_KINDS = ("mha", "mla")
+QK_NORM_SCOPES = ("head", "all")
 BIAS_UPDATE_RULES = ("sign", "error")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -46,7 +48,8 @@ class ModelConfig:
   max_seq_len: int = 2048          # RoPE / KV cache upper bound.
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
-  qk_norm: bool = False            # RMSNorm on q and k per head (OLMoE, Qwen3).
+  qk_norm: bool = False            # RMSNorm on q and k (OLMoE, Qwen3); see qk_norm_scope.
+  qk_norm_scope: str = "head"      # head: per head over Dh (Qwen3); all: over all heads H*Dh (OLMoE).
   tie_embeddings: bool = True
   init_std: float = 0.02
   param_dtype: str = "float32"
@@ -89,6 +92,14 @@ class ModelConfig:
   moepp_tau: float = 0.75          # eta for zero-computation experts in L_b; capacity split.
   moepp_loss_coef: float = 0.01    # beta.
   gating_residual: bool = False    # G(x^j) = W^j x^j + W_g^j G(x^{j-1}).
+
+  # --- Multi-head latent attention (DeepSeek-V2 arXiv 2405.04434 / V3 arXiv 2412.19437) ---
+  attention: str = "mha"           # mha (MHA/GQA, moejax.model.attention) | mla (moejax.model.mla).
+  q_lora_rank: int = 0             # query compression rank d_c'; 0 -> full-rank query projection.
+  kv_lora_rank: int = 0            # key/value latent rank d_c (what the MLA KV cache stores).
+  qk_nope_head_dim: int = 0        # per-head query/key dims without RoPE (d_h).
+  qk_rope_head_dim: int = 0        # decoupled RoPE dims d_h^R (one shared key head).
+  v_head_dim: int = 0              # per-head value dims.
 
   def __post_init__(self):
     if isinstance(self.balance, str):
@@ -138,6 +149,12 @@ class ModelConfig:
     """Parameters touched per token (embeddings counted once), for MFU and dense-vs-MoE matching."""
     d, dh = self.d_model, self.head_size
     attn = d * dh * (self.num_heads * 2 + self.kv_heads * 2)
+    if self.attention == "mla":
+      h, dq = self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+      q = d * self.q_lora_rank + self.q_lora_rank * h * dq if self.q_lora_rank else d * h * dq
+      attn = (q + d * (self.kv_lora_rank + self.qk_rope_head_dim)
+              + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+              + h * self.v_head_dim * d)
     dense_ffn = 3 * d * self.ff_dim
     expert_ffn = 3 * d * self.expert_hidden
     total = self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -172,6 +189,17 @@ def _validate(c: ModelConfig) -> None:
   _require(c.head_size % 2 == 0, "head_dim", "an even head size (RoPE rotates pairs)", c.head_size)
   for name in ("param_dtype", "compute_dtype"):
     _require(getattr(c, name) in DTYPES, name, f"one of {DTYPES}", getattr(c, name))
+  _require(c.attention in ATTENTION_KINDS, "attention", f"one of {ATTENTION_KINDS}", c.attention)
+  _require(c.qk_norm_scope in QK_NORM_SCOPES, "qk_norm_scope", f"one of {QK_NORM_SCOPES}",
+           c.qk_norm_scope)
+  if c.attention == "mla":
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      _require(getattr(c, name) > 0, name, "a positive int when attention='mla'", getattr(c, name))
+    _require(c.q_lora_rank >= 0, "q_lora_rank", "an int >= 0 (0: full-rank queries)", c.q_lora_rank)
+    _require(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "an even int (RoPE rotates pairs)",
+             c.qk_rope_head_dim)
+    _require(not c.qk_norm, "qk_norm", "False with attention='mla' (MLA normalises its latents)",
+             c.qk_norm)
   _require(c.num_experts >= 0, "num_experts", "an int >= 0", c.num_experts)
   _require(0 <= c.num_dense_layers <= c.num_layers, "num_dense_layers",
            f"between 0 and num_layers={c.num_layers}", c.num_dense_layers)

@@ -28,7 +28,11 @@ class Block(nnx.Module):
     self.layer = layer
     self.is_moe = cfg.is_moe_layer(layer)
     self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
+    if cfg.attention == "mla":
+      from moejax.model.mla import MLAttention  # pylint: disable=import-outside-toplevel
+      self.attn = MLAttention(cfg, rngs=rngs)
+    else:
+      self.attn = Attention(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
     if self.is_moe:
       from moejax.model.moe import MoELayer  # pylint: disable=import-outside-toplevel
