@@ -91,6 +91,9 @@ def load(path: str, step: int | None = None):
   with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
     config = config_lib.from_json(f.read())
   model_cfg = config_lib.model_config(config)
+  run_tokenizer = os.path.join(workdir, "tokenizer.json")
+  if not config.data.tokenizer and os.path.isfile(run_tokenizer):
+    config.data.tokenizer = run_tokenizer   # so moejax.generate(model, config, ...) finds it.
   mngr = manager(workdir, read_only=True, async_save=False)
   step = step if step is not None else path_step
   step = step if step is not None else mngr.latest_step()
