@@ -168,6 +168,8 @@ def test_load_gives_a_callable_model(tmp_path, tokenizer_dir):
   np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(logits))
   with pytest.raises(FileNotFoundError, match="run directory"):
     moejax.load(str(tmp_path / "nope"))
+  out = moejax.generate(model, loaded_config, ["def add(a, b):", "import os"], max_new_tokens=4)
+  assert len(out) == 2 and all(len(g.tokens) <= 4 and isinstance(g.text, str) for g in out)
 
 
 def _run_balance(tmp_path, tokenizer_dir, balance, name):
