@@ -31,9 +31,9 @@ for ((i = 0; i < NPROC; i++)); do
   pids+=($!)
 done
 status=0
-for ((i = 0; i < NPROC; i++)); do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $WORKDIR/process_$i.log" >&2
+for ((n = 0; n < NPROC; n++)); do   # the first failure stops every process (no barrier timeouts).
+  if ! wait -n; then
+    echo "a process failed; see $WORKDIR/process_*.log" >&2
     status=1
     cleanup
   fi

@@ -19,6 +19,7 @@ replaces the table (a list of `(logical, mesh axis or tuple or None)` pairs).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -151,10 +152,24 @@ def rules_from_config(mesh_cfg: Mapping[str, Any] | None) -> tuple[tuple[str, An
 
 def from_config(config, num_experts: int | None = None, batch_size: int | None = None,
                 devices: Sequence[Any] | None = None):
-  """(mesh, rules) from an experiment ConfigDict; checks experts and batch against the mesh."""
+  """(mesh, rules) from an experiment ConfigDict; checks experts and batch against the mesh.
+
+  The default mesh (data=-1, every other axis 1) in a single process whose batch does not split
+  over all devices (e.g. batch 2 on 8 simulated CPU devices) uses the first gcd(batch, devices)
+  devices, with a warning; any mesh the config sets explicitly must match the device count.
+  """
   mesh_cfg = dict(config.mesh)
-  mesh = make_mesh({a: mesh_cfg.get(a, 1) for a in MESH_AXES}, devices)
+  sizes = {a: mesh_cfg.get(a, 1) for a in MESH_AXES}
+  devices = list(jax.devices() if devices is None else devices)
   rules = rules_from_config(mesh_cfg)
+  default = sizes == {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
+  if (default and batch_size and batch_size % len(devices) and jax.process_count() == 1
+      and batch_axes(rules)[:1] == ("data",)):
+    n = math.gcd(batch_size, len(devices))
+    logging.warning("train.batch_size=%d does not split over %d devices: the default mesh uses the "
+                    "first %d (set config.mesh to choose)", batch_size, len(devices), n)
+    devices = devices[:n]
+  mesh = make_mesh(sizes, devices)
   if num_experts is not None:
     check_model_fits(mesh, num_experts, batch_size, rules)
   return mesh, rules

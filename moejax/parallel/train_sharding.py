@@ -115,6 +115,15 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   return out
 
 
+def host_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
+               rules=mesh_lib.DEFAULT_RULES) -> dict[str, jax.Array]:
+  """A global batch that every process holds in full (e.g. fixed eval batches), split like training
+  batches (`jax.make_array_from_callback`: each device takes its rows)."""
+  sh = batch_sharding(mesh, rules)
+  return {k: jax.make_array_from_callback(np.shape(v), sh, lambda idx, v=v: np.asarray(v)[idx])
+          for k, v in batch.items()}
+
+
 def process_rows(mesh: Mesh, global_rows: int, rules=mesh_lib.DEFAULT_RULES) -> slice:
   """The contiguous range of global batch rows whose shards live on this process's devices (what
   `global_batch` expects this process to pass, in order)."""

@@ -71,6 +71,18 @@ def test_from_config_uses_rules_key_and_checks_experts():
   assert len(mesh_lib.DEFAULT_RULES) <= 12
 
 
+def test_default_mesh_shrinks_to_the_batch_but_explicit_meshes_must_fit():
+  from moejax.train import config_lib
+  config = config_lib.default_config()          # mesh data=-1: "every device"
+  mesh, _ = mesh_lib.from_config(config, num_experts=8, batch_size=16)
+  assert mesh.devices.size == 8
+  mesh, _ = mesh_lib.from_config(config, num_experts=8, batch_size=2)   # 2 rows, 8 devices
+  assert mesh.shape["data"] == 2 and mesh.devices.size == 2
+  config.mesh.update(data=-1, expert=2)          # set explicitly: no silent shrinking.
+  with pytest.raises(ConfigError, match=r"train\.batch_size=2: expected a multiple of the 8 batch"):
+    mesh_lib.from_config(config, num_experts=8, batch_size=2)
+
+
 def test_param_shardings_follow_logical_axes():
   cfg = tiny_cfg(num_zero_experts=4)     # router over 12 routed experts: 12 % 8 != 0.
   _, _, _, state = init_state(cfg)
