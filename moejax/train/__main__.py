@@ -12,6 +12,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, tb/, metrics.jsonl).")
 flags.mark_flags_as_required(["config", "workdir"])
+try:  # defines --coordinator_address/--num_processes/--process_id before app.run parses argv.
+  from moejax.parallel import distributed as _distributed  # pylint: disable=unused-import
+except ImportError:
+  pass
 
 
 def main(argv):

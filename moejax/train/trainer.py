@@ -26,6 +26,7 @@ from moejax import summary
 from moejax.data import DataConfig, build_tokenizer, make_eval_batches, make_train_iterator
 from moejax.model import balance
 from moejax.model.transformer import Transformer
+from moejax.parallel import mesh as mesh_lib, train_sharding
 from moejax.train import checkpoint, config_lib, perf
 from moejax.train.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
@@ -104,12 +105,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.replace(config_path + ".tmp", config_path)
 
   t = config.train
+  mesh, rules = mesh_lib.from_config(config, model_cfg.num_experts, t.batch_size)
   data_cfg = _data_config(config, t.seed)
   tokenizer = build_tokenizer(data_cfg, workdir)
   train_iter = make_train_iterator(data_cfg, tokenizer, batch_size=t.batch_size, seq_len=t.seq_len,
                                    seed=t.seed, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  val_batches = [_to_device(b) for b in make_eval_batches(
+  val_batches = [train_sharding.host_batch(b, mesh, rules) for b in make_eval_batches(
       data_cfg, tokenizer, batch_size=t.batch_size, seq_len=t.seq_len, num_batches=t.eval_batches)]
 
   model = Transformer(model_cfg, rngs=nnx.Rngs(t.seed))
@@ -118,6 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tx, schedule = make_optimizer(config.opt, t.num_steps)
   state = TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params),
                      jax.random.key_data(jax.random.key(t.seed)))
+  state_sh = train_sharding.state_shardings(state, mesh, rules)
+  state = train_sharding.shard_state(state, state_sh)   # restore() below reshards onto this mesh.
 
   mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
   latest = mngr.latest_step()
@@ -126,8 +130,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if data_state:
       train_iter.set_state(data_state)
 
-  train_step = jax.jit(make_train_step(graphdef, tx, model_cfg, schedule), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef))
+  train_step = train_sharding.jit_train_step(make_train_step(graphdef, tx, model_cfg, schedule),
+                                             mesh, rules, state_sh)
+  eval_step = train_sharding.jit_eval_step(make_eval_step(graphdef), mesh, rules, state_sh.params,
+                                           state_sh.model_state)
   writer = (summary.MetricWriter(os.path.join(workdir, "tb"), os.path.join(workdir, "metrics.jsonl"))
             if is_chief else summary.NullWriter())
   start_step = int(state.step)
@@ -143,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with _stop_on_signals() as stop:
     step = start_step
     while step < t.num_steps:
-      batch = _to_device(next(train_iter))
+      batch = train_sharding.global_batch(next(train_iter), mesh, rules)
       state, metrics = train_step(state, batch)
       step += 1
       window_tokens += t.batch_size * t.seq_len
