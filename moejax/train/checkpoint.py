@@ -4,7 +4,8 @@ Layout of a workdir:
   W/config.json                  the full experiment config (ConfigDict as JSON)
   W/checkpoints/<step>/model     params + model_state (ALF-LB biases): all `load()` needs
   W/checkpoints/<step>/train     optimizer state, step, RNG
-  W/checkpoints/<step>/data      the data iterator state (JSON), so resume continues exactly
+  W/checkpoints/<step>/data      every process's data-iterator state (JSON, {"process_<i>": ...}),
+                                 so each process resumes its own shard exactly
 Orbax writes a step directory atomically (a temporary name renamed when finalised), so readers such as
 the eval worker only ever see complete checkpoints via `all_steps()`.
 """

@@ -65,7 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
       max_files=0,            # > 0 keeps the first N documents (small runs, tests).
       val_fraction=0.02,
   ))
+  # Mesh axis sizes (-1 = the rest of the devices) and the logical-axis rules table:
+  # None -> moejax.parallel.mesh.DEFAULT_RULES, else a list of (logical name, mesh axes) pairs.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.mesh.rules = ml_collections.FieldReference(None, field_type=object)
   return c
 
 

@@ -10,6 +10,7 @@ and never overwrites the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -64,6 +65,31 @@ def _data_config(config: ml_collections.ConfigDict, seed: int) -> DataConfig:
                     seed=seed)
 
 
+def _build_tokenizer_once(data_cfg: DataConfig, workdir: str):
+  """Process 0 trains (or loads) the tokenizer into the workdir; the others wait, then load it."""
+  if jax.process_count() == 1:
+    return build_tokenizer(data_cfg, workdir)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    tokenizer = build_tokenizer(data_cfg, workdir)
+  multihost_utils.sync_global_devices("moejax_tokenizer_ready")
+  return tokenizer if jax.process_index() == 0 else build_tokenizer(data_cfg, workdir)
+
+
+def _all_data_states(own_state: dict) -> dict[str, dict]:
+  """Every process's data-iterator state, so each resumes its own shard: {"process_<i>": state}."""
+  if jax.process_count() == 1:
+    return {"process_0": own_state}
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  encoded = json.dumps(own_state).encode()
+  length = int(np.max(multihost_utils.process_allgather(np.array([len(encoded)], np.int32))))
+  padded = np.zeros((length,), np.uint8)
+  padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
+  return {f"process_{i}": json.loads(bytes(row).rstrip(b"\x00").decode())
+          for i, row in enumerate(gathered)}
+
+
 def evaluate(eval_step, params, model_state, batches) -> dict[str, Any]:
   """val_loss over the fixed held-out batches and MaxVio_global (ALF-LB Eq. 4, whole val set)."""
   loss_sum, n_tokens, load_LxE = 0.0, 0.0, None
@@ -107,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t = config.train
   mesh, rules = mesh_lib.from_config(config, model_cfg.num_experts, t.batch_size)
   data_cfg = _data_config(config, t.seed)
-  tokenizer = build_tokenizer(data_cfg, workdir)
+  tokenizer = _build_tokenizer_once(data_cfg, workdir)
   train_iter = make_train_iterator(data_cfg, tokenizer, batch_size=t.batch_size, seq_len=t.seq_len,
                                    seed=t.seed, process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -126,9 +152,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mngr = checkpoint.manager(workdir, keep=t.keep_checkpoints)
   latest = mngr.latest_step()
   if latest is not None:
-    state, data_state = checkpoint.restore(mngr, latest, state)
-    if data_state:
-      train_iter.set_state(data_state)
+    state, data_states = checkpoint.restore(mngr, latest, state)
+    own = data_states.get(f"process_{jax.process_index()}")
+    if own is None and data_states:
+      raise ValueError(f"{workdir}/checkpoints/{latest}: no data-iterator state for process "
+                       f"{jax.process_index()} (saved by {len(data_states)} processes; the data "
+                       f"pipeline resumes only with the same process count)")
+    if own:
+      train_iter.set_state(own)
 
   train_step = train_sharding.jit_train_step(make_train_step(graphdef, tx, model_cfg, schedule),
                                              mesh, rules, state_sh)
@@ -188,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           writer.image(step, "expert_load/val", summary.load_heatmap(load))
         final.update(result)
       if at_ckpt or stop["stop"] or chunk_done:
-        checkpoint.save(mngr, step, state, train_iter.get_state())
+        checkpoint.save(mngr, step, state, _all_data_states(train_iter.get_state()))
       if stop["stop"] or chunk_done:
         break
   bar.close()
