@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REF_STAMP := $(VENV)/.installed-reference
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m 'not slow'
 
 .PHONY: demo test install clean
 
