@@ -13,7 +13,6 @@ scheduler) and runs nothing. Extra `--config.k=v` flags given here apply to ever
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import shlex
@@ -22,12 +21,12 @@ import sys
 
 
 def load_sweep(config_file: str) -> list[dict]:
+  from moejax.train import config_lib  # pylint: disable=import-outside-toplevel
   path = config_file.split(":", 1)[0]
-  if not os.path.isfile(path):
-    raise SystemExit(f"error: --config {path}: no such file")
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    module = config_lib.load_config_module(path)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"error: --config: {e}") from None
   if not hasattr(module, "get_sweep"):
     raise SystemExit(f"error: {path} defines no get_sweep(); nothing to sweep")
   points = module.get_sweep()

@@ -9,7 +9,6 @@ latency. Re-running reuses finished runs (delete the workdir to start over).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -18,16 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("alf_lb", "aux_loss")
 
 
-def _load_config(name: str):
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def demo_config(name: str, num_steps: int):
-  config = _load_config(name)
+  from moejax.train import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
   config.train.update(num_steps=num_steps, batch_size=8, seq_len=128, eval_every=num_steps,
                       checkpoint_every=num_steps, log_every=10, eval_batches=8)
   return config

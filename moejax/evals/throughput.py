@@ -120,14 +120,11 @@ def main(argv=None) -> int:
     from moejax.train.checkpoint import load  # pylint: disable=import-outside-toplevel
     model, _ = load(args.workdir)
   else:
-    import importlib.util  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from moejax.model import Transformer  # pylint: disable=import-outside-toplevel
     from moejax.train import config_lib  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location("throughput_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = Transformer(config_lib.model_config(module.get_config()), rngs=nnx.Rngs(0))
+    config = config_lib.load_config_file(args.config)
+    model = Transformer(config_lib.model_config(config), rngs=nnx.Rngs(0))
   sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
   rows = measure(model, batch_sizes=sizes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  repeats=args.repeats)

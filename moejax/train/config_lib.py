@@ -9,7 +9,10 @@ typed `ModelConfig` built by `model_config(config)`: ConfigDict stays at the edg
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -142,6 +145,30 @@ def from_json(text: str) -> ml_collections.ConfigDict:
         value = tuple(value)
       config[section][key] = value
   return config
+
+
+def load_config_module(path: str) -> ModuleType:
+  """The Python module of a config file (`configs/alf_lb.py`), executed; missing files raise."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r}: no such file")
+  name = "moejax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
+  """`"configs/alf_lb.py:smoke"` -> that file's `get_config("smoke")` (`get_config()` without ':').
+
+  The same `path[:arg]` spelling as `--config=` of `python -m moejax.train` (ml_collections
+  config_flags), for programs that build configs without absl flags (the demo, tests, benchmarks).
+  """
+  path, colon, arg = path_and_arg.partition(":")
+  module = load_config_module(path)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path!r}: defines no get_config()")
+  return module.get_config(arg) if colon else module.get_config()
 
 
 def flat_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:

@@ -9,14 +9,9 @@ sys.path.insert(0, REPO)
 
 
 def tiny_config(name: str = "base", **overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
-  for dotted, value in overrides.items():
-    section, key = dotted.split(".")
-    config[section][key] = value
+  from moejax.train import config_lib
+  config = config_lib.load_config_file(os.path.join(REPO, "configs", f"{name}.py") + ":smoke")
+  config_lib.flat_overrides(config, overrides)
   return config
 
 
