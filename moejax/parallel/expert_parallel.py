@@ -156,15 +156,24 @@ def _local_load(idx_TxK, num_experts):
   return jnp.zeros((num_experts + 1,), jnp.float32).at[flat].add(1.0)[:num_experts]
 
 
+def _routed_copies(idx_TxK, e_local, p):
+  """The M = T*K routed copies: expert id [M], valid mask [M], destination shard [M] (p if invalid).
+
+  A copy is valid when its expert id is in [0, e_local * p) (MoE++ null experts and padding ids are
+  not); the experts are split in contiguous blocks of `e_local` per shard of the expert axis.
+  """
+  flat_e = idx_TxK.reshape(-1)
+  valid = (flat_e >= 0) & (flat_e < e_local * p)
+  return flat_e, valid, jnp.where(valid, flat_e // e_local, p)
+
+
 def _dropless_padded(x_TxD, idx_TxK, weights, ops, p, axis):
   """dispatch -> expert_ffn -> return for "padded": worst-case [P, M, D] buffers, M = T_l*K."""
   t, k = idx_TxK.shape
   d = x_TxD.shape[1]
   m = t * k
   e_local = weights[0].shape[0]
-  flat_e = idx_TxK.reshape(m)
-  valid = (flat_e >= 0) & (flat_e < e_local * p)
-  dest_M = jnp.where(valid, flat_e // e_local, p)
+  flat_e, valid, dest_M = _routed_copies(idx_TxK, e_local, p)
   onehot_MxP = jax.nn.one_hot(dest_M, p, dtype=jnp.int32)
   pos_M = jnp.sum((jnp.cumsum(onehot_MxP, axis=0) - onehot_MxP) * onehot_MxP, axis=-1)
   x_M = jnp.take(x_TxD, jnp.arange(m) // k, axis=0)
@@ -188,12 +197,10 @@ def _dropless_ragged(x_TxD, idx_TxK, weights, ops, p, axis, exchange_fn):
   d = x_TxD.shape[1]
   m = t * k
   e_local = weights[0].shape[0]
-  flat_e = idx_TxK.reshape(m)
-  valid = (flat_e >= 0) & (flat_e < e_local * p)
+  flat_e, valid, dest = _routed_copies(idx_TxK, e_local, p)
   order_M = jnp.argsort(jnp.where(valid, flat_e, e_local * p), stable=True)
   sorted_e = jnp.take(flat_e, order_M)
   x_sorted = jnp.take(x_TxD, order_M // k, axis=0)
-  dest = jnp.where(valid, flat_e // e_local, p)
   send_P = jnp.bincount(dest, length=p + 1)[:p].astype(jnp.int32)
   in_off_P = (jnp.cumsum(send_P) - send_P).astype(jnp.int32)
   counts_PxP = jax.lax.all_gather(send_P, axis)            # [src, dst]
