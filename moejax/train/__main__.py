@@ -11,6 +11,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, tb/, metrics.jsonl).")
+_MAX_STEPS_THIS_RUN = flags.DEFINE_integer(
+    "max_steps_this_run", None, "Stop (after saving a checkpoint) once this many steps ran in this "
+    "invocation; the next invocation resumes. For schedulers with a wall-clock limit per job.")
 flags.mark_flags_as_required(["config", "workdir"])
 try:  # defines --coordinator_address/--num_processes/--process_id before app.run parses argv.
   from moejax.parallel import distributed as _distributed  # pylint: disable=unused-import
@@ -30,7 +33,8 @@ def main(argv):
   except ImportError:
     pass
   try:
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                         max_steps_this_run=_MAX_STEPS_THIS_RUN.value)
   except (ConfigError, DataError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
