@@ -26,8 +26,8 @@ CHECKPOINT_DIR = "checkpoints"
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save)
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      create=not read_only, read_only=read_only, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
                                options=options, item_names=("model", "train", "data"))
 
