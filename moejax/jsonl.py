@@ -40,16 +40,22 @@ def parse_objects(text: str, where: str, *, error: type[Exception] = ValueError,
   return rows, skipped
 
 
-def read_objects(path: str, *, error: type[Exception] = ValueError, torn: TornPolicy = "raise",
-                 missing_ok: bool = False) -> list[dict]:
-  """The objects of the `.jsonl` file at `path` (see `parse_objects`); [] if absent and `missing_ok`."""
+def read_numbered(path: str, *, error: type[Exception] = ValueError,
+                  torn: TornPolicy = "raise") -> list[tuple[int, dict]]:
+  """(line number, object) for the `.jsonl` file at `path` (see `parse_objects`); absent: error."""
   if not os.path.isfile(path):
-    if missing_ok:
-      return []
     raise error(f"{path}: no such file")
   try:
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise error(f"{path}: cannot read: {e}") from e
-  return [obj for _, obj in parse_objects(text, path, error=error, torn=torn)[0]]
+  return parse_objects(text, path, error=error, torn=torn)[0]
+
+
+def read_objects(path: str, *, error: type[Exception] = ValueError, torn: TornPolicy = "raise",
+                 missing_ok: bool = False) -> list[dict]:
+  """The objects of the `.jsonl` file at `path`; [] if it is absent and `missing_ok`."""
+  if missing_ok and not os.path.isfile(path):
+    return []
+  return [obj for _, obj in read_numbered(path, error=error, torn=torn)]

@@ -6,7 +6,6 @@ correct iff its verdict is `passed` (Chen et al. 2021, arXiv 2107.03374, §2.3).
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Mapping, Optional, Sequence
 
 from moejax import jsonl
@@ -19,15 +18,8 @@ class SamplesError(ValueError):
 
 def read_samples(path: str) -> list[dict]:
   """Rows of a human-eval samples .jsonl; each needs a task_id and a string completion."""
-  if not os.path.isfile(path):
-    raise SamplesError(f"{path}: no such file")
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except (OSError, UnicodeDecodeError) as e:
-    raise SamplesError(f"{path}: cannot read: {e}") from e
   rows = []
-  for lineno, row in jsonl.parse_objects(text, path, error=SamplesError)[0]:
+  for lineno, row in jsonl.read_numbered(path, error=SamplesError):
     for field in ("task_id", "completion"):
       if field not in row:
         raise SamplesError(f"{path}:{lineno}: missing field '{field}'")
