@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.kernels import autotune
+from moejax.kernels import autotune, target
 
 Tiles = tuple[int, int, int]  # (tm, tk, tn)
 
 
 def _backend() -> str:
-  return jax.default_backend()
+  return target.backend()
 
 
 def _resolve_interpret(interpret: Optional[bool]) -> bool:

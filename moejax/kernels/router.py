@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from moejax.kernels import target
+
 RENORM_EPS = 1e-20
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 _NEG = -jnp.inf
@@ -121,19 +123,21 @@ def _kernel_route(logits_TxE, bias_E, valid_T, *, top_k, score_fn, renormalize, 
   kernel = functools.partial(_router_kernel, k=top_k, kp=kp, score_fn=score_fn,
                              renormalize=renormalize, scale=float(scale))
   compiler_params = None
-  if not interpret and jax.default_backend() == "gpu":
+  if not interpret and target.backend() == "gpu":
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
     params_cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
     compiler_params = params_cls(num_warps=4, num_stages=1)
   rows = lambda width: pl.BlockSpec((tt, width), lambda i: (i, 0))
-  per_tile = pl.BlockSpec((1, ep), lambda i: (i, 0))
+  # Per-tile partial sums as [nt, 1, Ep] with a squeezed leading block dim: the block's last two
+  # dims then equal the array's, as Mosaic (TPU) requires of blocks not divisible by (8, 128).
+  per_tile = pl.BlockSpec((None, 1, ep), lambda i: (i, 0, 0))
   idx, gates, scores, counts, sums = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((tp, kp), jnp.int32),
                  jax.ShapeDtypeStruct((tp, kp), jnp.float32),
                  jax.ShapeDtypeStruct((tp, ep), jnp.float32),
-                 jax.ShapeDtypeStruct((nt, ep), jnp.float32),
-                 jax.ShapeDtypeStruct((nt, ep), jnp.float32)),
+                 jax.ShapeDtypeStruct((nt, 1, ep), jnp.float32),
+                 jax.ShapeDtypeStruct((nt, 1, ep), jnp.float32)),
       grid=(nt,),
       in_specs=[rows(ep), pl.BlockSpec((1, ep), lambda i: (0, 0)), rows(1)],
       out_specs=(rows(kp), rows(kp), rows(ep), per_tile, per_tile),
@@ -141,7 +145,7 @@ def _kernel_route(logits_TxE, bias_E, valid_T, *, top_k, score_fn, renormalize, 
       compiler_params=compiler_params,
       name="moejax_router",
   )(logits, bias, valid)
-  return (idx[:t, :top_k], gates[:t, :top_k], scores[:t, :e], counts.sum(0)[:e], sums.sum(0)[:e])
+  return (idx[:t, :top_k], gates[:t, :top_k], scores[:t, :e], counts.sum((0, 1))[:e], sums.sum((0, 1))[:e])
 
 
 def _xla_gates(logits_TxE, idx_TxK, valid_T, score_fn, renormalize, scale):
@@ -216,6 +220,6 @@ def fused_route(logits_TxE: jax.Array, bias_E: Optional[jax.Array] = None, *, to
                                      routed_scaling_factor)
     return idx, gates, scores, counts[0], sums
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = target.backend() == "cpu"
   return _fused(logits_TxE, bias_E, valid_T, top_k, score_fn, bool(renormalize),
                 float(routed_scaling_factor), int(block_t), bool(interpret))
