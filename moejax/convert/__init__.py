@@ -1,5 +1,6 @@
 """moejax.convert: import Hugging Face MoE checkpoints (Mixtral, OLMoE, Qwen3-MoE, DeepSeek-V3) as
-moejax run directories and export them back (`python -m moejax.convert.hf`).
+moejax run directories and export them back (`python -m moejax.convert.hf`), streaming tensor by
+tensor (`moejax.convert.streaming`) so host memory stays near one layer.
 
 `import_hf`, `export_hf` and `export_run` are resolved lazily from `moejax.convert.hf`, so running
 that module with `-m` does not import it twice.
