@@ -19,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from moejax.model.config import ConfigError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -41,8 +43,24 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict | None)
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def is_model_only(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """True for a checkpoint holding just the `model` item (an HF import, `save_model_only`)."""
+  return not os.path.isdir(os.path.join(str(mngr.directory), str(step), "train"))
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
-  """Restores a full TrainState (shapes/shardings from `abstract_state`) and the data state."""
+  """Restores a full TrainState (shapes/shardings from `abstract_state`) and the data state.
+
+  A model-only checkpoint (an imported HF model) restores params and model state (ALF-LB biases)
+  onto `abstract_state`, whose optimizer state, step and RNG are kept: training starts from the
+  imported weights (fine-tuning) at `abstract_state`'s step, with fresh AdamW moments.
+  """
+  if is_model_only(mngr, step):
+    model = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(
+        {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state.params),
+         "model_state": jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                     abstract_state.model_state)})))["model"]
+    return abstract_state._replace(params=model["params"], model_state=model["model_state"]), {}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   restored = mngr.restore(step, args=ocp.args.Composite(
       model=ocp.args.StandardRestore({"params": abstract.params,
@@ -53,6 +71,35 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any
   m, t = restored["model"], restored["train"]
   state = type(abstract_state)(t["step"], m["params"], m["model_state"], t["opt_state"], t["rng"])
   return state, restored["data"] or {}
+
+
+def init_from(path: str, state):
+  """`state` with params and model state (ALF-LB biases) from the run or checkpoint at `path`.
+
+  `path`: a run directory (latest checkpoint) or `W/checkpoints/<step>`, trained or imported
+  (`moejax.convert`); only its `model` item is read, so the optimizer state, step and RNG of `state`
+  are kept (fine-tuning starts at step 0 with fresh AdamW moments). The architecture must match.
+  """
+  where = f"train.init_from={path!r}"
+  try:
+    workdir, step = _resolve(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{where}: {e}") from None
+  mngr = manager(workdir, read_only=True, async_save=False)
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"{where}: no finalised checkpoint{'' if step is None else f' {step}'} "
+                            f"in {workdir}/{CHECKPOINT_DIR}")
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  try:
+    model = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(
+        {"params": abstract(state.params), "model_state": abstract(state.model_state)})))["model"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{where}: its weights do not fit this config's model (set model/moe as in "
+                     f"{workdir}/{CONFIG_FILE}, e.g. with configs/finetune.py): {e}") from None
+  finally:
+    mngr.close()
+  return state._replace(params=model["params"], model_state=model["model_state"])
 
 
 def save_model_only(workdir: str, step: int, params, model_state) -> None:

@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=10,           # training scalars every N steps.
       seed=0,
       peak_tflops=0.0,        # per-device peak for MFU; 0 -> table by device kind, else measured.
+      init_from="",           # run dir or W/checkpoints/<step>: start from its weights (fine-tune).
   ))
   c.opt = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -110,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"train.{name}",
            "a positive int", value)
   _check(isinstance(t.seed, int), "train.seed", "an int", t.seed)
+  _check(isinstance(t.get("init_from", ""), str), "train.init_from",
+         "a run directory or checkpoint directory path ('' = random init)", t.get("init_from"))
   _check(t.seq_len <= config.model.max_seq_len, "train.seq_len",
          f"<= model.max_seq_len={config.model.max_seq_len}", t.seq_len)
   o = config.opt

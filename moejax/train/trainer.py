@@ -160,6 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        f"pipeline resumes only with the same process count)")
     if own:
       train_iter.set_state(own)
+  elif t.init_from:
+    state = checkpoint.init_from(t.init_from, state)
 
   train_step = train_sharding.jit_train_step(make_train_step(graphdef, tx, model_cfg, schedule),
                                              mesh, rules, state_sh)

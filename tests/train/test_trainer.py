@@ -15,8 +15,9 @@ from moejax.train import checkpoint, config_lib
 from moejax.train.trainer import NonFiniteLossError, train_and_evaluate
 from tests.train.conftest import REPO, seed_workdir, tiny_config
 
+# finetune.py needs a source run (its own test below); every other config trains from scratch.
 ALL_CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
-                     if f.endswith(".py") and not f.startswith("_"))
+                     if f.endswith(".py") and not f.startswith("_") and f != "finetune.py")
 
 
 def _params(workdir):
@@ -228,3 +229,67 @@ def test_sweep_dry_run_prints_one_command_per_point(tmp_path):
   assert len(lines) == 6
   assert all("--config.train.num_steps=3" in l and "--config.moe.top_k=" in l for l in lines)
   assert len({l.split("--workdir=")[1].split()[0] for l in lines}) == 6
+
+
+def _finetune_config(source, **train):
+  config = config_lib.load_config_file(os.path.join(REPO, "configs", "finetune.py") + f":{source}")
+  config.train.update(num_steps=1, batch_size=2, seq_len=32, eval_every=1, eval_batches=1,
+                      checkpoint_every=1, log_every=1, **train)
+  config.opt.update(lr=1e-3, warmup_steps=0)
+  config.train.seed = 1   # not the source's seed: a random init would be far from its weights.
+  return config
+
+
+def test_finetune_starts_from_the_source_weights(tmp_path, tokenizer_dir):
+  """init_from a trained run and from a model-only (imported) checkpoint: after one AdamW step of
+  lr 1e-3 every weight is within lr of the source's (a random init would be ~init_std away), each
+  ALF-LB bias within u of the source's, and the source run is untouched."""
+  from flax import nnx
+  config = tiny_config("alf_lb", **{"train.num_steps": 2})
+  source = tmp_path / "source"
+  seed_workdir(source, tokenizer_dir, config)
+  train_and_evaluate(config, str(source), progress=False)
+  model, _ = checkpoint.load(str(source))
+  imported = tmp_path / "imported"   # what moejax.convert writes: config + model item only.
+  imported.mkdir()
+  (imported / "config.json").write_text((source / "config.json").read_text())
+  (imported / "tokenizer.json").write_text((source / "tokenizer.json").read_text())
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  checkpoint.save_model_only(str(imported), 0, params, model_state)
+  before = sorted(os.listdir(source / "checkpoints"))
+  u = config.moe.bias_update_rate
+  for name, src in (("from_run", source), ("from_import", imported),
+                    ("from_step_dir", source / "checkpoints" / "2")):
+    ft = _finetune_config(str(src))
+    assert ft.data.tokenizer == str(source / "tokenizer.json") or name == "from_import"
+    result = train_and_evaluate(ft, str(tmp_path / name), progress=False)
+    assert result["step"] == 1 and np.isfinite(result["loss"])
+    tuned, _ = checkpoint.load(str(tmp_path / name))
+    deltas = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree.leaves(nnx.state(tuned, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param)))]
+    assert len(deltas) == len(jax.tree.leaves(params)) and max(deltas) <= 1.01e-3, (name, deltas)
+    biases = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree.leaves(nnx.state(tuned, nnx.Not(nnx.Param))),
+        jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))))]
+    assert biases and max(biases) <= u * 1.0001, (name, biases)
+  assert sorted(os.listdir(source / "checkpoints")) == before
+
+
+def test_finetune_bad_source_names_the_field(tmp_path, tokenizer_dir):
+  with pytest.raises(ConfigError, match="finetune.py"):
+    config_lib.load_config_file(os.path.join(REPO, "configs", "finetune.py"))
+  with pytest.raises(ConfigError, match="no config.json"):
+    _finetune_config(str(tmp_path / "nowhere"))
+  source = tmp_path / "source"
+  config = tiny_config("alf_lb")
+  seed_workdir(source, tokenizer_dir, config)
+  train_and_evaluate(config, str(source), progress=False)
+  bigger = _finetune_config(str(source))
+  bigger.model.d_model = 64
+  seed_workdir(tmp_path / "ft", tokenizer_dir, bigger)
+  with pytest.raises(ConfigError, match=r"train.init_from=.*do not fit"):
+    train_and_evaluate(bigger, str(tmp_path / "ft"), progress=False)
+  empty = tiny_config("alf_lb", **{"train.init_from": str(tmp_path / "ft")})
+  seed_workdir(tmp_path / "ft2", tokenizer_dir, empty)
+  with pytest.raises(FileNotFoundError, match="train.init_from"):
+    train_and_evaluate(empty, str(tmp_path / "ft2"), progress=False)
