@@ -18,13 +18,7 @@ T, K, E, D, F = 32, 2, 8, 16, 8
 RULES = mesh_lib.DEFAULT_RULES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """XLA optimisations off (as flax's tests do): ~2x faster compiles on CPU, same math."""
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _inputs(seed=0, skip_ids=True):
