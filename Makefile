@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m moejax.demo --workdir runs/demo
 
 test: $(REF_STAMP)
-	$(PY) -m pytest -q -n 2 --dist load $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist load --durations=12 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
