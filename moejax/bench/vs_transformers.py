@@ -10,9 +10,13 @@ the peak resident memory, `ru_maxrss`, is that framework's alone):
            `make_train_step` with clipping and the ALF-LB bias update; torch: `labels=` loss,
            `backward`, grad clipping, `torch.optim.AdamW`), batch B x L, after a warm-up step.
   prefill  tokens/s of a cache-filling forward over the same B x L batch.
-  decode   greedy tokens/s at batch 1 and 16 after a 16-token prompt (moejax: one jitted
-           forward+argmax per token through its KV cache; torch: `generate(do_sample=False)`,
-           measured as generate(1 + N tokens) - generate(1 token)).
+  decode   greedy tokens/s at batch 1 and 16 after a 16-token prompt, N-1 decode steps after the
+           first token (moejax: `moejax.infer.Engine.run_batch`, the decode steps' time; the table
+           shows the on-device `while_loop` decode (`device_loop=True`), the JSON line also the
+           host loop of one jitted step per token as decode_b*_host; torch:
+           `generate(do_sample=False)`, measured as generate(1 + N tokens) - generate(1 token)).
+moejax's train step is checked not to retrace or recompile after its warm-up step (the state is
+committed to the device first, so the donated outputs have the inputs' placement).
 transformers settings: `experts_implementation` "eager" (the per-expert loop), "grouped_mm",
 "batched_mm", and with --compile `torch.compile` of the model (training and prefill only).
 CPU shapes follow the issue: d_model 256, 4 layers, 16 experts of ff 128, top-4, vocab 8192,
@@ -23,6 +27,7 @@ top-8, vocab 50304, batch 8 x 2048, bf16).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -70,7 +75,8 @@ def run_moejax(run_dir: str, s: dict, args) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   import moejax  # pylint: disable=import-outside-toplevel
-  from moejax.train import config_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  from moejax.infer import Engine, SamplingParams  # pylint: disable=import-outside-toplevel
+  from moejax.train import step as step_lib  # pylint: disable=import-outside-toplevel
 
   model, config = moejax.load(run_dir)
   cfg = model.cfg
@@ -81,9 +87,18 @@ def run_moejax(run_dir: str, s: dict, args) -> dict:
                positions=jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)))
   tx, schedule = step_lib.make_optimizer(config.opt, 1000)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  state = step_lib.TrainState(jnp.zeros((), jnp.int32), params, model_state, tx.init(params),
-                              jax.random.key(0))
-  train = jax.jit(step_lib.make_train_step(graphdef, tx, cfg, schedule), donate_argnums=(0,))
+  # Committed to the device: the step's donated outputs are committed too, so the second call
+  # reuses the first call's executable instead of compiling again for the new placement.
+  state = jax.device_put(step_lib.TrainState(jnp.zeros((), jnp.int32), params, model_state,
+                                             tx.init(params), jax.random.key(0)), jax.devices()[0])
+  traces = [0]
+  step_fn = step_lib.make_train_step(graphdef, tx, cfg, schedule)
+
+  def counted(st, bt):
+    traces[0] += 1  # Python side effect: once per trace.
+    return step_fn(st, bt)
+
+  train = jax.jit(counted, donate_argnums=(0,))
   holder = [state]
 
   def one_step():
@@ -91,12 +106,14 @@ def run_moejax(run_dir: str, s: dict, args) -> dict:
     jax.block_until_ready(metrics["loss"])
 
   one_step()
-  one_step()  # the second call still compiles (the state's layout after one donated step).
+  compiled = train._cache_size()  # pylint: disable=protected-access
   out = {"train": b * l / _timed(one_step, args.repeats)}
+  if traces[0] != 1 or train._cache_size() != compiled:  # pylint: disable=protected-access
+    raise RuntimeError(f"moejax train step retraced ({traces[0]} traces) or recompiled while timed")
   model = nnx.merge(graphdef, holder[0].params, holder[0].model_state)
   graphdef, weights = nnx.split(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(4,))
   def fwd(w, t, p, seg, cache):  # jax.jit on split state: no per-call nnx graph traversal.
     logits, _, cache = nnx.merge(graphdef, w).forward(t, positions_BxL=p, segment_ids_BxL=seg,
                                                       cache=cache)
@@ -111,21 +128,18 @@ def run_moejax(run_dir: str, s: dict, args) -> dict:
   out["prefill"] = b * l / _timed(prefill, args.repeats)
   n, p = args.decode_tokens, 16
   for db in (1, 16):
-    prompt = jnp.asarray(rng.integers(1, s["vocab"], (db, p)), jnp.int32)
-    ones = jnp.ones((db, 1), jnp.int32)
+    prompts = rng.integers(1, s["vocab"], (db, p)).tolist()
+    engine = Engine(model, None, batch_size=db, min_bucket=p, eos_ids=(), pad_id=0)
+    for device_loop, key in ((True, f"decode_b{db}"), (False, f"decode_b{db}_host")):
+      def decode(device_loop=device_loop, engine=engine, prompts=prompts, db=db):
+        stats = engine.run_batch(prompts, list(range(db)), max_new_tokens=n,
+                                 params=SamplingParams(), ignore_eos=True,
+                                 device_loop=device_loop)[1]
+        assert len(stats.step_s) == n - 1
+        return sum(stats.step_s)
 
-    def decode():
-      nxt, cache = fwd(weights, prompt, jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (db, p)),
-                       jnp.ones((db, p), jnp.int32), model.init_cache(db, p + n))
-      nxt.block_until_ready()
-      t0 = time.perf_counter()
-      for i in range(n - 1):
-        nxt, cache = fwd(weights, nxt[:, None], jnp.full((db, 1), p + i, jnp.int32), ones, cache)
-      nxt.block_until_ready()
-      return time.perf_counter() - t0
-
-    decode()
-    out[f"decode_b{db}"] = db * (n - 1) / min(decode() for _ in range(args.repeats))
+      decode()
+      out[key] = db * (n - 1) / min(decode() for _ in range(args.repeats))
   return out
 
 
@@ -252,8 +266,10 @@ def main(argv=None) -> None:
           continue
         r = json.loads(lines[0][7:])
         vals = " | ".join(f"{r[c]:,.0f}" if c in r else "-" for c in cols)
-        print(f"| {model} ({n_params / 1e6:.1f}M) | {name} | {vals} |  <!-- {time.time() - t0:.0f}s -->",
-              flush=True)
+        host = "".join(f" decode_b{db}_host {r[f'decode_b{db}_host']:,.0f}" for db in (1, 16)
+                       if f"decode_b{db}_host" in r)
+        print(f"| {model} ({n_params / 1e6:.1f}M) | {name} | {vals} |  <!-- {time.time() - t0:.0f}s"
+              f"{host}; load {os.getloadavg()[0]:.1f} -->", flush=True)
 
 
 if __name__ == "__main__":

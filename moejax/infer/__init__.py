@@ -3,6 +3,10 @@
     results = moejax.infer.generate(model, tokenizer, ["def add(a, b):"], max_new_tokens=32,
                                     stop=["\\ndef"])
     results[0].text, results[0].ttft_s, results[0].token_latencies_s
+
+Decoding runs on the device in `jax.lax.while_loop` chunks by default (`device_loop=True`); pass
+`device_loop=False` for one jitted call per token with host-measured per-token latencies (what
+`moejax.evals.throughput` uses through `Engine.run_batch`). Both give the same tokens.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def generate(model, tokenizer, prompts: Sequence, *, batch_size: int = 8, **opts
 
   `tokenizer`: a `tokenizers.Tokenizer`, a tokenizer.json path or a run directory. `opts` are those
   of `Engine.generate`: max_new_tokens, temperature (0 = greedy), top_k, top_p, seed, stop,
-  ignore_eos. Compiled steps are cached per (model, tokenizer, batch_size) across calls.
+  ignore_eos, device_loop. Compiled steps are cached per (model, tokenizer, batch_size) across
+  calls.
   """
   tok = load_tokenizer(tokenizer)
   per_model = _ENGINES.setdefault(model, {})

@@ -8,9 +8,18 @@ a power-of-two number of slots >= bucket + max_new_tokens (capped at `model.cfg.
 last partial batch is filled with inactive dummy rows, so the batch dimension never changes either.
 
 Decoding is autoregressive (Vaswani et al., arXiv 1706.03762, Sec. 3): token t+1 ~ p(. | x_<=t) with
-keys/values of earlier positions cached. The host loop reads each step's tokens back, which gives
-per-token latencies and lets stop sequences be checked on decoded text; a row stops at EOS, at a stop
-sequence (its text is cut before it) or at `max_new_tokens`, and then is fed as padding (segment 0).
+keys/values of earlier positions cached. A row stops at EOS, at a stop sequence (its text is cut
+before it) or at `max_new_tokens`, and then is fed as padding (segment 0). Two decode loops
+(`moejax.infer.steps`):
+  host    (`run_batch(device_loop=False)`, the default there) one jitted step per token; the host
+          reads every step's tokens back: true per-token latencies, stop sequences checked after
+          every token. The eval worker's throughput measurement uses this.
+  device  (`device_loop=True`, the default of `generate`) `loop_chunk` steps per call in one
+          `jax.lax.while_loop` that ends early once every row has hit EOS; stop sequences are
+          checked on the host between chunks. The tokens are the same as the host loop's; a row that
+          hits a stop sequence keeps decoding (discarded) until its chunk ends, which can change
+          other rows only through capacity-limited MoE dispatch. Per-token latencies are the
+          chunk's time divided by its steps.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.infer import sampling
+from moejax.infer import sampling, steps as steps_lib
 
 
 @dataclasses.dataclass
@@ -49,7 +58,7 @@ class BatchStats:
   cache_len: int
   prompt_tokens: int                 # real (non-padding) prompt tokens
   prefill_s: float
-  step_s: list[float]
+  step_s: list[float]                 # per decode step (device loop: its chunk's time / steps)
   experts_per_step: list[np.ndarray]  # per decode step: [num_moe_layers] unique FFN experts used
   compile_key: tuple
 
@@ -64,47 +73,19 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 # checkpoint of a run, or a second engine on the same model, reuses them.
 _EXECUTABLES: dict[tuple, Any] = {}
 _COMPILE_S: dict[tuple, float] = {}
-_TRACES: collections.Counter = collections.Counter()
-
-
-def _prefill_fn(graphdef, state, cache, tokens_BxL, segment_ids_BxL, positions_BxL, seed_key,
-                row_ids_B, temperature, top_k, top_p):
-  _TRACES["prefill"] += 1  # Python side effect: runs once per trace.
-  model = nnx.merge(graphdef, state)
-  logits_BxLxV, _, cache = model.forward(tokens_BxL, positions_BxL=positions_BxL,
-                                         segment_ids_BxL=segment_ids_BxL, cache=cache)
-  keys_B = sampling.row_keys(seed_key, jnp.zeros((), jnp.int32), row_ids_B)
-  next_B = sampling.sample(logits_BxLxV[:, -1], keys_B, temperature, top_k, top_p)
-  return next_B, cache
-
-
-def _decode_fn(graphdef, state, cache, tokens_B, positions_B, active_B, step, seed_key, row_ids_B,
-               temperature, top_k, top_p):
-  _TRACES["decode"] += 1
-  model = nnx.merge(graphdef, state)
-  logits_Bx1xV, aux, cache = model.forward(
-      tokens_B[:, None], positions_BxL=positions_B[:, None],
-      segment_ids_BxL=active_B.astype(jnp.int32)[:, None], cache=cache)
-  keys_B = sampling.row_keys(seed_key, step, row_ids_B)
-  next_B = sampling.sample(logits_Bx1xV[:, 0], keys_B, temperature, top_k, top_p)
-  if "tokens_per_expert" in aux:  # [num_moe_layers, E_routed]; count FFN experts only.
-    load_LxE = aux["tokens_per_expert"][:, :model.cfg.num_experts]
-    experts_L = jnp.sum(load_LxE > 0, axis=-1).astype(jnp.int32)
-  else:
-    experts_L = jnp.zeros((0,), jnp.int32)
-  return next_B, cache, experts_L
-
-
-_JITTED = {"prefill": jax.jit(_prefill_fn, static_argnums=0, donate_argnums=2),
-           "decode": jax.jit(_decode_fn, static_argnums=0, donate_argnums=2)}
+_TRACES = steps_lib.TRACES
+_JITTED = steps_lib.JITTED
 
 
 class Engine:
   """Generation engine for one `Transformer`; reads the model's current parameters on every call.
 
-  `trace_counts["prefill"|"decode"]` counts the traces (= compilations) this engine caused;
+  `trace_counts["prefill"|"decode"|"loop"]` counts the traces (= compilations) this engine caused;
   `compile_s[key]` is the lower+compile time of each (kind, batch, bucket, cache) shape it used.
+  `loop_chunk` is the number of decode steps per device-loop call.
   """
+
+  loop_chunk: int = 64
 
   def __init__(self, model, tokenizer=None, *, batch_size: int = 8, min_bucket: int = 16,
                max_len: int | None = None, eos_ids: Sequence[int] | None = None,
@@ -184,8 +165,12 @@ class Engine:
   def run_batch(self, prompt_ids: Sequence[Sequence[int]], row_ids: Sequence[int], *,
                 max_new_tokens: int, params: sampling.SamplingParams, stop: Sequence[str] = (),
                 ignore_eos: bool = False, collect_experts: bool = False,
-                ) -> tuple[list[Generation], BatchStats]:
-    """Generates for at most `batch_size` prompts (token ids) in one batch."""
+                device_loop: bool = False) -> tuple[list[Generation], BatchStats]:
+    """Generates for at most `batch_size` prompts (token ids) in one batch.
+
+    device_loop: decode `loop_chunk` steps per call in an on-device while loop instead of one call
+    per token (see the module docstring; same tokens, averaged per-token latencies).
+    """
     n, b = len(prompt_ids), self.batch_size
     if not 1 <= n <= b:
       raise ValueError(f"Engine.run_batch: got {n} prompts for batch_size={b}")
@@ -228,28 +213,73 @@ class Engine:
                       token_latencies_s=[], truncated_prompt=t) for p, t in zip(prompts, truncated)]
     active = np.arange(b) < n
     self._consume(out, host, active, stop, ignore_eos)
-    pos = lengths.copy()
-    for step in range(1, steps):
-      if not active.any():
-        break
-      args = (state, cache, next_B, jnp.asarray(pos), jnp.asarray(active),
-              jnp.asarray(step, jnp.int32), seed_key, jnp.asarray(rows)) + knobs
-      decode = self._executable("decode", shape_key, args)
-      next_B, cache, experts_L = decode(*args)
-      host = np.asarray(next_B)
-      now = time.perf_counter()
-      stats.step_s.append(now - t_prev)
-      if collect_experts:
-        stats.experts_per_step.append(np.asarray(experts_L))
-      for i in np.flatnonzero(active):
-        out[i].token_latencies_s.append(now - t_prev)
-      t_prev = now
-      pos += 1
-      self._consume(out, host, active, stop, ignore_eos)
+    run = dict(state=state, cache=cache, next_B=next_B, pos=lengths.copy(), active=active,
+               seed_key=seed_key, rows=jnp.asarray(rows), knobs=knobs, shape_key=shape_key,
+               stop=stop, ignore_eos=ignore_eos, collect_experts=collect_experts, t_prev=t_prev)
+    (self._device_decode if device_loop else self._host_decode)(out, stats, steps, run)
     for i in np.flatnonzero(active[:n]):
       out[i].finish_reason = "length"
       out[i].text = _cut_at_stop(self.decode(out[i].tokens), stop)[0]
     return out, stats
+
+  def _host_decode(self, out, stats: BatchStats, steps: int, run: dict) -> None:
+    """Decode steps 1 .. steps-1, one jitted call per token (updates `out`, `stats`, `run`)."""
+    active, pos, next_B, cache = run["active"], run["pos"], run["next_B"], run["cache"]
+    decode = None
+    for step in range(1, steps):
+      if not active.any():
+        break
+      args = (run["state"], cache, next_B, jnp.asarray(pos), jnp.asarray(active),
+              jnp.asarray(step, jnp.int32), run["seed_key"], run["rows"]) + run["knobs"]
+      if decode is None:  # the key hashes the graph and every state shape: once per batch.
+        decode = self._executable("decode", run["shape_key"], args)
+      next_B, cache, experts_L = decode(*args)
+      host = np.asarray(next_B)
+      now = time.perf_counter()
+      self._record(out, stats, active, [now - run["t_prev"]],
+                   [np.asarray(experts_L)] if run["collect_experts"] else [])
+      run["t_prev"] = now
+      pos += 1
+      self._consume(out, host, active, run["stop"], run["ignore_eos"])
+
+  def _device_decode(self, out, stats: BatchStats, steps: int, run: dict) -> None:
+    """Decode steps 1 .. steps-1 in on-device loops of `loop_chunk` steps; between chunks the host
+    consumes the tokens step by step (EOS, stop sequences) exactly as `_host_decode` does."""
+    b = self.batch_size
+    active, next_B, cache = run["active"], run["next_B"], run["cache"]
+    pos_B = jnp.asarray(run["pos"])
+    eos = sorted(self.eos_ids)
+    eos_N = np.full((max(8, 1 << max(len(eos) - 1, 0).bit_length()),), -1, np.int32)
+    eos_N[:len(eos)] = eos
+    _, bucket, cache_len = run["shape_key"]
+    chunk = max(1, min(int(self.loop_chunk), cache_len - bucket))  # fixed per shape: no retrace
+    buffer = jnp.zeros((b, chunk), jnp.int32)
+    step, loop = 1, None
+    while step < steps and active.any():
+      args = (run["state"], cache, next_B, pos_B, jnp.asarray(active), jnp.asarray(step, jnp.int32),
+              jnp.asarray(steps - step, jnp.int32), run["seed_key"], run["rows"]) + run["knobs"] + (
+                  jnp.asarray(eos_N), jnp.asarray(run["ignore_eos"]), buffer)
+      if loop is None:
+        loop = self._executable("loop", run["shape_key"] + (chunk,), args)
+      tokens_BxC, done, experts_CxL, cache, next_B, pos_B, _ = loop(*args)
+      tokens_BxC, done = np.asarray(tokens_BxC), int(done)
+      now = time.perf_counter()
+      experts = list(np.asarray(experts_CxL)[:done]) if run["collect_experts"] else []
+      for i in range(done):
+        if not active.any():
+          break
+        self._record(out, stats, active, [(now - run["t_prev"]) / done],
+                     experts[i:i + 1])
+        self._consume(out, tokens_BxC[:, i], active, run["stop"], run["ignore_eos"])
+      run["t_prev"] = now
+      step += done
+
+  @staticmethod
+  def _record(out, stats: BatchStats, active, step_s: list, experts: list) -> None:
+    stats.step_s.extend(step_s)
+    stats.experts_per_step.extend(experts)
+    for i in np.flatnonzero(active):
+      out[i].token_latencies_s.extend(step_s)
 
   def _consume(self, out, host_B, active_B, stop, ignore_eos) -> None:
     """Appends each active row's new token; marks rows done at EOS or a stop sequence (in place)."""
@@ -268,11 +298,12 @@ class Engine:
 
   def generate(self, prompts: Sequence, *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-               ignore_eos: bool = False) -> list[Generation]:
+               ignore_eos: bool = False, device_loop: bool = True) -> list[Generation]:
     """Generations for `prompts` (strings or token id lists), in input order.
 
     Requests are sorted by prompt length and batched `batch_size` at a time (less padding); a
-    request's samples depend on (seed, its index in `prompts`, step) only.
+    request's samples depend on (seed, its index in `prompts`, step) only. `device_loop`: see
+    `run_batch` (False: one call per token, per-token latencies measured on the host).
     """
     params = sampling.SamplingParams(temperature, top_k, top_p, seed)
     ids = [self.encode(p) for p in prompts]
@@ -281,7 +312,8 @@ class Engine:
     for start in range(0, len(order), self.batch_size):
       chunk = order[start:start + self.batch_size]
       gens, _ = self.run_batch([ids[i] for i in chunk], chunk, max_new_tokens=max_new_tokens,
-                               params=params, stop=stop, ignore_eos=ignore_eos)
+                               params=params, stop=stop, ignore_eos=ignore_eos,
+                               device_loop=device_loop)
       for i, g in zip(chunk, gens):
         results[i] = g
     return results  # type: ignore[return-value]

@@ -72,8 +72,18 @@ def row_keys(seed_key: jax.Array, step: jax.Array, row_ids_B: jax.Array) -> jax.
 
 def sample(logits_BxV: jax.Array, keys_B: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
-  """int32 [B] next tokens: argmax when temperature <= 0, else a draw from the filtered softmax."""
-  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  filtered_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
-  drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
-  return jnp.where(temperature <= 0, greedy_B, drawn_B)
+  """int32 [B] next tokens: argmax when temperature <= 0, else a draw from the filtered softmax.
+
+  The knobs are traced, so the branches are `lax.cond`s: greedy decoding runs no sort or draw, and
+  a draw with top_k 0 and top_p 1 (no filter) skips `filter_logits` and its vocabulary sort.
+  """
+  def draw(logits):
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    filtered_BxV = jax.lax.cond((top_k > 0) | (top_p < 1.0),
+                                lambda: filter_logits(logits, temperature, top_k, top_p),
+                                lambda: scaled)
+    return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
+
+  return jax.lax.cond(temperature <= 0,
+                      lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32), draw,
+                      logits_BxV)

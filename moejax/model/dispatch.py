@@ -7,7 +7,8 @@ MoE++ zero-computation experts of arXiv 2410.07348, or a sentinel for masked tok
 nothing here: the caller adds their output separately.
 
 - `dropless`: MegaBlocks-style (arXiv 2211.15841) no-drop dispatch. The T*K copies are sorted by
-  expert (stable), the three projections run as grouped matmuls (`ops.gmm`) and the results are
+  expert (stable), the three projections run as grouped matmuls (`ops.gmm`, or one fused
+  `ops.expert_swiglu` where the implementation has it: the XLA ops on CPU) and the results are
   gathered back and weighted by the gates (`ops.unpermute`).
 - `capacity`: GShard (arXiv 2006.16668 §2.2, Algorithm 1) fixed-capacity dispatch. Every expert
   holds at most C copies; positions come from a cumulative sum over one-hot assignments in which all
@@ -55,7 +56,8 @@ def dropless(x_TxD: jax.Array, idx_TxK: jax.Array, gates_TxK: jax.Array, w_gate_
     idx_TxK: expert ids; ids >= E (= w_gate_EDF.shape[0]) are skipped (contribute zero).
     gates_TxK: combine weights (fp32 recommended).
     w_*: expert weights, cast to x's dtype.
-    ops: `moejax.kernels.get_ops(impl)` (gmm, permute, unpermute).
+    ops: `moejax.kernels.get_ops(impl)` (gmm, permute, unpermute; `expert_swiglu` when the
+      implementation fuses the three expert matmuls).
   Returns:
     y_TxD in x's dtype.
   """
@@ -63,13 +65,17 @@ def dropless(x_TxD: jax.Array, idx_TxK: jax.Array, gates_TxK: jax.Array, w_gate_
   dt = x_TxD.dtype
   num_experts = w_gate_EDF.shape[0]
   x_sorted_MxD, group_sizes_E, sort_order_M = ops.permute(x_TxD, idx_TxK, num_experts)
-  gate_MxF = ops.gmm(x_sorted_MxD, w_gate_EDF.astype(dt), group_sizes_E,
+  if getattr(ops, "expert_swiglu", None) is not None:  # the three matmuls fused per row tile.
+    out_MxD = ops.expert_swiglu(x_sorted_MxD, w_gate_EDF.astype(dt), w_up_EDF.astype(dt),
+                                w_down_EFD.astype(dt), group_sizes_E)
+  else:
+    gate_MxF = ops.gmm(x_sorted_MxD, w_gate_EDF.astype(dt), group_sizes_E,
+                       preferred_element_type=jnp.float32)
+    up_MxF = ops.gmm(x_sorted_MxD, w_up_EDF.astype(dt), group_sizes_E,
                      preferred_element_type=jnp.float32)
-  up_MxF = ops.gmm(x_sorted_MxD, w_up_EDF.astype(dt), group_sizes_E,
-                   preferred_element_type=jnp.float32)
-  h_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(dt)
-  out_MxD = ops.gmm(h_MxF, w_down_EFD.astype(dt), group_sizes_E,
-                    preferred_element_type=jnp.float32)
+    h_MxF = (jax.nn.silu(gate_MxF) * up_MxF).astype(dt)
+    out_MxD = ops.gmm(h_MxF, w_down_EFD.astype(dt), group_sizes_E,
+                      preferred_element_type=jnp.float32)
   # Copies of skipped ids (>= E) sort to the end; force their rows to exact zeros whatever the kernel
   # leaves there, and give them zero gates.
   num_rows = out_MxD.shape[0]

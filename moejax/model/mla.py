@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.attention import KVCache, attention_mask
+from moejax.model.attention import (KVCache, attention_mask, causal_blocks, causal_chunks,
+                                    masked_softmax)
 from moejax.model.config import ModelConfig
 from moejax.model.layers import RMSNorm, apply_rope, dtype_of, normal_param
 
@@ -43,24 +44,31 @@ MLA_NORM_EPS = 1e-6
 
 def _masked_softmax(scores_BxHxLxS: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
   """softmax over S in fp32 with masked entries (and fully masked rows) giving probability 0."""
-  mask = mask_BxLxS[:, None, :, :]
-  scores = jnp.where(mask, scores_BxHxLxS, jnp.finfo(jnp.float32).min)
-  return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+  return masked_softmax(scores_BxHxLxS, mask_BxLxS)
 
 
 def mla_expanded(q_nope_BxLxHxDn, q_rope_BxLxHxDr, c_kv_BxSxR, k_rope_BxSxDr, w_uk_RxHxDn,
-                 w_uv_RxHxDv, mask_BxLxS, scale: float) -> jax.Array:
-  """MLA (V3 Eqs. 2-10) with per-head keys/values expanded from the latent; returns [B, L, H, Dv]."""
+                 w_uv_RxHxDv, mask_BxLxS, scale: float, chunks: int = 1) -> jax.Array:
+  """MLA (V3 Eqs. 2-10) with per-head keys/values expanded from the latent; returns [B, L, H, Dv].
+
+  Computed head-major ([B, H, L, .]); `chunks` > 1 applies `causal_blocks` (self-attention
+  without a cache only).
+  """
   dt = q_nope_BxLxHxDn.dtype
-  k_nope = jnp.einsum("bsr,rhn->bshn", c_kv_BxSxR.astype(dt), w_uk_RxHxDn)
-  v = jnp.einsum("bsr,rhv->bshv", c_kv_BxSxR.astype(dt), w_uv_RxHxDv)
-  scores = (jnp.einsum("blhn,bshn->bhls", q_nope_BxLxHxDn, k_nope,
-                       preferred_element_type=jnp.float32)
-            + jnp.einsum("blhd,bsd->bhls", q_rope_BxLxHxDr, k_rope_BxSxDr.astype(dt),
-                         preferred_element_type=jnp.float32)) * scale
-  probs = _masked_softmax(scores, mask_BxLxS)
-  out = jnp.einsum("bhls,bshv->blhv", probs.astype(dt), v, preferred_element_type=jnp.float32)
-  return out.astype(dt)
+  k_nope = jnp.einsum("bsr,rhn->bhsn", c_kv_BxSxR.astype(dt), w_uk_RxHxDn)
+  v = jnp.einsum("bsr,rhv->bhsv", c_kv_BxSxR.astype(dt), w_uv_RxHxDv)
+  q_nope, q_rope = q_nope_BxLxHxDn.transpose(0, 2, 1, 3), q_rope_BxLxHxDr.transpose(0, 2, 1, 3)
+
+  def core(qs, kvs, mask):
+    (qn, qr), (kn, kr, vv) = qs, kvs
+    scores = (jnp.einsum("bhln,bhsn->bhls", qn, kn, preferred_element_type=jnp.float32)
+              + jnp.einsum("bhld,bsd->bhls", qr, kr.astype(dt),
+                           preferred_element_type=jnp.float32)) * scale
+    probs = _masked_softmax(scores, mask)
+    return jnp.einsum("bhls,bhsv->bhlv", probs.astype(dt), vv, preferred_element_type=jnp.float32)
+
+  out = causal_blocks(core, [q_nope, q_rope], [k_nope, k_rope_BxSxDr, v], mask_BxLxS, chunks)
+  return out.transpose(0, 2, 1, 3).astype(dt)
 
 
 def mla_absorbed(q_nope_BxLxHxDn, q_rope_BxLxHxDr, c_kv_BxSxR, k_rope_BxSxDr, w_uk_RxHxDn,
@@ -157,8 +165,11 @@ class MLAttention(nnx.Module):
       new_kv = (c_all, kr_all)
 
     mask = attention_mask(segment_ids_BxL, kv_segment_BxS, q_slot_L)
-    core = mla_absorbed if (cache is not None and length == 1) else mla_expanded
-    out = core(q_nope, q_rope[:, :, :, :], c_all[:, :, 0, :], kr_all[:, :, 0, :],
-               self.wk_b_RxHxDn[...].astype(dt), self.wv_b_RxHxDv[...].astype(dt), mask, self.scale)
+    args = (q_nope, q_rope, c_all[:, :, 0, :], kr_all[:, :, 0, :],
+            self.wk_b_RxHxDn[...].astype(dt), self.wv_b_RxHxDv[...].astype(dt), mask, self.scale)
+    if cache is not None and length == 1:
+      out = mla_absorbed(*args)
+    else:
+      out = mla_expanded(*args, chunks=causal_chunks(length) if cache is None else 1)
     y = jnp.einsum("blhv,hvd->bld", out, self.wo_HxDvxD[...].astype(dt))
     return y, new_kv

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.infer import Engine, bucket_length, generate, sampling
+from moejax.infer import Engine, SamplingParams, bucket_length, generate, sampling
 from moejax.model import ModelConfig, Transformer
 
 CODE = """def add(a, b):
@@ -80,13 +80,14 @@ def _naive_greedy(model, prompts, n, width=32):
   return [s[len(p):] for s, p in zip(seqs, prompts)], min(margins)
 
 
+@pytest.mark.parametrize("device_loop", [False, True], ids=["host_loop", "device_loop"])
 @pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-def test_greedy_matches_naive_loop_with_left_padding(cfg):
+def test_greedy_matches_naive_loop_with_left_padding(cfg, device_loop):
   model = _model(cfg)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(2, cfg.vocab_size, size=n)) for n in (3, 9, 1, 6)]
   engine = Engine(model, None, batch_size=4, min_bucket=8, eos_ids=(), pad_id=0)
-  gens = engine.generate(prompts, max_new_tokens=6)
+  gens = engine.generate(prompts, max_new_tokens=6, device_loop=device_loop)
   expected, margin = _naive_greedy(model, prompts, 6)
   assert margin > 1e-4, "reference has a near-tie; pick another seed"
   for g, want in zip(gens, expected):
@@ -95,17 +96,22 @@ def test_greedy_matches_naive_loop_with_left_padding(cfg):
     assert len(g.token_latencies_s) == 5 and g.ttft_s > 0
 
 
-def test_same_bucket_does_not_recompile():
-  model = _model(DENSE.replace(rope_theta=1234.0))  # a graph no other test compiled
+@pytest.mark.parametrize("device_loop", [False, True], ids=["host_loop", "device_loop"])
+def test_same_bucket_does_not_recompile(device_loop):
+  model = _model(DENSE.replace(rope_theta=1234.0 + device_loop))  # a graph no other test compiled
   engine = Engine(model, None, batch_size=2, min_bucket=16, eos_ids=(), pad_id=0)
-  engine.generate([[5, 6, 7]], max_new_tokens=4)
+  step = "loop" if device_loop else "decode"
+  engine.generate([[5, 6, 7]], max_new_tokens=4, device_loop=device_loop)
   counts = dict(engine.trace_counts)
-  assert counts == {"prefill": 1, "decode": 1}
-  engine.generate([[5, 6, 7, 8, 9, 10, 11, 12, 13], [4] * 15], max_new_tokens=4, temperature=0.7,
-                  top_k=5, top_p=0.9, seed=3)
-  assert dict(engine.trace_counts) == counts  # other lengths, same bucket, other knobs: no retrace
-  engine.generate([[5] * 17], max_new_tokens=4)  # next bucket: exactly one more of each
-  assert dict(engine.trace_counts) == {"prefill": 2, "decode": 2}
+  assert counts == {"prefill": 1, step: 1}
+  engine.generate([[5, 6, 7, 8, 9, 10, 11, 12, 13], [4] * 15], max_new_tokens=3, temperature=0.7,
+                  top_k=5, top_p=0.9, seed=3, device_loop=device_loop)
+  engine.eos_ids = frozenset({3})
+  engine.generate([[5, 6]], max_new_tokens=4, ignore_eos=True, device_loop=device_loop)
+  # other lengths, same bucket, other knobs, EOS ids and max_new_tokens: no retrace
+  assert dict(engine.trace_counts) == counts
+  engine.generate([[5] * 17], max_new_tokens=4, device_loop=device_loop)  # next bucket: one more
+  assert dict(engine.trace_counts) == {"prefill": 2, step: 2}
   assert bucket_length(17, 16) == 32 and bucket_length(3, 16) == 16 and bucket_length(16, 16) == 16
 
 
@@ -166,12 +172,14 @@ def test_sampling_is_seeded_and_independent_of_batching():
   assert [g.tokens for g in a] != [g.tokens for g in c]
 
 
-def test_stop_sequences_and_eos_on_text():
+@pytest.mark.parametrize("device_loop", [False, True], ids=["host_loop", "device_loop"])
+def test_stop_sequences_and_eos_on_text(device_loop):
   tok = tiny_tokenizer()
-  model = _model(DENSE.replace(rope_theta=4321.0))
+  model = _model(DENSE.replace(rope_theta=4321.0 + device_loop))
   prompt = "def add(a, b):"
   engine = Engine(model, tok, batch_size=1, min_bucket=16, eos_ids=())
-  free = engine.generate([prompt], max_new_tokens=12)[0]
+  engine.loop_chunk = 5  # several device loops per batch
+  free = engine.generate([prompt], max_new_tokens=12, device_loop=device_loop)[0]
   assert free.finish_reason == "length" and len(free.tokens) == 12
   assert free.prompt_tokens == tok.encode(prompt).ids
   text = tok.decode(free.tokens, skip_special_tokens=True)
@@ -179,7 +187,8 @@ def test_stop_sequences_and_eos_on_text():
   # Stop at a substring that appears in the free-running text: cut before it, tokens end there.
   needle = text[len(text) // 2:len(text) // 2 + 2]
   assert needle
-  stopped = engine.generate([prompt], max_new_tokens=12, stop=["@@never@@", needle])[0]
+  stopped = engine.generate([prompt], max_new_tokens=12, stop=["@@never@@", needle],
+                            device_loop=device_loop)[0]
   assert stopped.finish_reason == "stop"
   assert stopped.text == text[:text.find(needle)]
   assert free.tokens[:len(stopped.tokens)] == stopped.tokens
@@ -188,11 +197,40 @@ def test_stop_sequences_and_eos_on_text():
   eos = free.tokens[3]
   first = free.tokens.index(eos)
   engine.eos_ids = frozenset({eos})
-  ended = engine.generate([prompt], max_new_tokens=12)[0]
+  ended = engine.generate([prompt], max_new_tokens=12, device_loop=device_loop)[0]
   assert ended.finish_reason == "eos" and ended.tokens == free.tokens[:first]
   assert ended.text == tok.decode(free.tokens[:first])
-  assert engine.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].tokens == free.tokens
-  assert dict(engine.trace_counts) == {"prefill": 1, "decode": 1}
+  assert engine.generate([prompt], max_new_tokens=12, ignore_eos=True,
+                         device_loop=device_loop)[0].tokens == free.tokens
+  assert dict(engine.trace_counts) == {"prefill": 1, "loop" if device_loop else "decode": 1}
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("sampling_opts", [dict(), dict(temperature=1.0, top_p=0.9, seed=5),
+                                           dict(temperature=0.8, seed=2)], ids=["greedy", "top_p", "plain"])
+def test_device_loop_equals_host_loop(cfg, sampling_opts):
+  """Same tokens, finish reasons, latency counts and expert counts as one jitted call per token,
+  with chunks shorter than the generation, EOS inside a chunk, and dummy rows in the last batch."""
+  model = _model(cfg, seed=3)
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(2, cfg.vocab_size, size=n)) for n in (4, 11, 2, 7, 5)]
+  engine = Engine(model, None, batch_size=3, min_bucket=8, eos_ids=(), pad_id=0)
+  engine.loop_chunk = 4
+  host = engine.generate(prompts, max_new_tokens=13, device_loop=False, **sampling_opts)
+  dev = engine.generate(prompts, max_new_tokens=13, device_loop=True, **sampling_opts)
+  assert [g.tokens for g in dev] == [g.tokens for g in host]
+  assert [len(g.token_latencies_s) for g in dev] == [len(g.token_latencies_s) for g in host]
+  engine.eos_ids = frozenset({host[1].tokens[5], host[3].tokens[2]})  # rows end mid-chunk
+  host = engine.generate(prompts, max_new_tokens=13, device_loop=False, **sampling_opts)
+  dev = engine.generate(prompts, max_new_tokens=13, device_loop=True, **sampling_opts)
+  assert [(g.tokens, g.finish_reason) for g in dev] == [(g.tokens, g.finish_reason) for g in host]
+  assert "eos" in [g.finish_reason for g in dev]
+  stats = [engine.run_batch(prompts[:2], [0, 1], max_new_tokens=9, params=SamplingParams(),
+                            ignore_eos=True, collect_experts=True, device_loop=d)[1]
+           for d in (False, True)]
+  assert len(stats[0].step_s) == len(stats[1].step_s) == 8
+  np.testing.assert_array_equal(np.stack(stats[0].experts_per_step),
+                                np.stack(stats[1].experts_per_step))
 
 
 def test_convenience_generate_truncates_long_prompts_and_caches_engine():

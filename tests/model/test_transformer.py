@@ -175,7 +175,8 @@ def test_forward_input_checks():
   with pytest.raises(ValueError, match="max_seq_len"):
     model.init_cache(1, 64)
   cache = KVCache.create(BASE.replace(compute_dtype="bfloat16"), 2, 8)
-  assert len(cache.k) == 2 and cache.k[0].shape == (2, 8, 2, 8) and cache.k[0].dtype == jnp.bfloat16
+  # [B, G, S, Dh]: head-major, the layout the attention matmuls read.
+  assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, 8, 8) and cache.k[0].dtype == jnp.bfloat16
 
 
 @pytest.mark.skipif(not HAS_MOE, reason="moejax.model.moe (MoELayer) is not written yet")
