@@ -16,7 +16,7 @@ from flax import nnx
 from moejax import sharding
 from moejax.model.attention import Attention, KVCache
 from moejax.model.config import ModelConfig
-from moejax.model.layers import MLP, Embed, RMSNorm, normal_param
+from moejax.model.layers import MLP, Embed, RMSNorm, dtype_of, normal_param
 
 RESIDUAL_AXES = ("batch", "length", "embed")
 
@@ -84,7 +84,32 @@ class Transformer(nnx.Module):
   def forward(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
               segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
               deterministic: bool = True, rngs: nnx.Rngs | None = None):
-    """Returns (logits_BxLxV fp32, aux, cache).
+    """Returns (logits_BxLxV fp32, aux, cache); `forward_hidden` followed by `logits`."""
+    h_BxLxD, aux, cache = self.forward_hidden(tokens_BxL, positions_BxL=positions_BxL,
+                                              segment_ids_BxL=segment_ids_BxL, cache=cache,
+                                              deterministic=deterministic, rngs=rngs)
+    return self.logits(h_BxLxD), aux, cache
+
+  def head_weight_DxV(self) -> jax.Array:
+    """The LM head as [d_model, vocab] in the compute dtype (the embedding table^T when tied)."""
+    if self.lm_head_DxV is None:
+      return self.embed.embedding_VxD[...].astype(self.embed.compute_dtype).T
+    return self.lm_head_DxV[...].astype(dtype_of(self.cfg.compute_dtype))
+
+  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    """LM-head logits [B, L, V] in fp32 of final hidden states from `forward_hidden`."""
+    if self.lm_head_DxV is None:
+      logits_BxLxV = self.embed.attend(h_BxLxD)
+    else:
+      w = self.lm_head_DxV[...].astype(h_BxLxD.dtype)
+      logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, w, preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def forward_hidden(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
+                     segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
+                     deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """Returns (final-normed hidden states h_BxLxD, aux, cache): everything but the LM head
+    (`logits(h)`; the trainer's fused loss, `moejax.model.lm_loss`, applies the head itself).
 
     positions default to arange(L) (+ cache.index when decoding); segment ids default to ones
     (0 = padding: attends to nothing, ignored by MoE statistics). `aux[name]` stacks the MoE
@@ -123,16 +148,10 @@ class Transformer(nnx.Module):
         prev_logits = logits
 
     x = self.final_norm(x)
-    if self.lm_head_DxV is None:
-      logits_BxLxV = self.embed.attend(x)
-    else:
-      w = self.lm_head_DxV[...].astype(x.dtype)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32)
-    logits_BxLxV = sharding.constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
 
     aux_stacked = {k: jnp.stack([a[k] for a in auxes]) for k in auxes[0]} if auxes else {}
     if cache is not None:
       cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
                             segment_ids_BxS=cache.write_segments(segment_ids_BxL),
                             index=cache.index + l)
-    return logits_BxLxV, aux_stacked, cache
+    return x, aux_stacked, cache

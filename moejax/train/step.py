@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moejax.model import balance
+from moejax.model import balance, lm_loss
 from moejax.model.config import ModelConfig
 
 
@@ -59,7 +59,8 @@ def moe_layers(model: nnx.Module) -> list[nnx.Module]:
 
 
 def token_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array):
-  """Next-token cross entropy, masked where the next token is padding or another document.
+  """Next-token cross entropy of [B, L, V] logits, masked where the next token is padding or another
+  document (the plain form of what the train/eval steps compute with `lm_loss.fused_lm_loss`).
 
   Returns (sum of losses, number of predicted tokens).
   """
@@ -71,13 +72,17 @@ def token_loss(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, segment_ids_BxL: 
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def _forward(graphdef, params, model_state, batch, *, deterministic: bool, rng=None):
+def _forward_loss(graphdef, params, model_state, batch, *, deterministic: bool, rng=None):
+  """(sum of next-token losses, number of predicted tokens, aux): the model's hidden states and the
+  LM head through `lm_loss.fused_lm_loss` (no [B, L, V] logits; equal to `token_loss` on them)."""
   model = nnx.merge(graphdef, params, model_state)
   rngs = None if rng is None else nnx.Rngs(rng)
-  logits, aux, _ = model.forward(batch["tokens"], positions_BxL=batch["positions"],
-                                 segment_ids_BxL=batch["segment_ids"],
-                                 deterministic=deterministic, rngs=rngs)
-  return logits, aux
+  h_BxLxD, aux, _ = model.forward_hidden(batch["tokens"], positions_BxL=batch["positions"],
+                                         segment_ids_BxL=batch["segment_ids"],
+                                         deterministic=deterministic, rngs=rngs)
+  targets_BxL, mask_BxL = lm_loss.next_token_targets(batch["tokens"], batch["segment_ids"])
+  loss_sum = lm_loss.fused_lm_loss(h_BxLxD, model.head_weight_DxV(), targets_BxL, mask_BxL)
+  return loss_sum, jnp.sum(mask_BxL), aux
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: ModelConfig,
@@ -86,8 +91,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: ModelConfig
   use_alf_lb = cfg.num_experts > 0 and cfg.uses("alf_lb")
 
   def loss_fn(params, model_state, batch, rng):
-    logits, aux = _forward(graphdef, params, model_state, batch, deterministic=False, rng=rng)
-    loss_sum, n_tokens = token_loss(logits, batch["tokens"], batch["segment_ids"])
+    loss_sum, n_tokens, aux = _forward_loss(graphdef, params, model_state, batch,
+                                            deterministic=False, rng=rng)
     ce = loss_sum / jnp.maximum(n_tokens, 1.0)
     balance_loss = jnp.sum(aux["balance_loss"]) if aux else jnp.zeros((), jnp.float32)
     return ce + balance_loss, (ce, aux)
@@ -137,8 +142,8 @@ def make_eval_step(graphdef) -> Callable:
   """Returns `eval_step(params, model_state, batch) -> (loss_sum, n_tokens, tokens_per_expert_LxE)`."""
 
   def eval_step(params, model_state, batch):
-    logits, aux = _forward(graphdef, params, model_state, batch, deterministic=True)
-    loss_sum, n_tokens = token_loss(logits, batch["tokens"], batch["segment_ids"])
+    loss_sum, n_tokens, aux = _forward_loss(graphdef, params, model_state, batch,
+                                            deterministic=True)
     load = aux["tokens_per_expert"] if aux else jnp.zeros((0, 0), jnp.float32)
     return loss_sum, n_tokens, load
 
