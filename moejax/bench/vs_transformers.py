@@ -9,7 +9,9 @@ the peak resident memory, `ru_maxrss`, is that framework's alone):
   train    tokens/s of one training step: forward + backward + AdamW (moejax: the trainer's
            `make_train_step` with clipping and the ALF-LB bias update; torch: `labels=` loss,
            `backward`, grad clipping, `torch.optim.AdamW`), batch B x L, after a warm-up step.
-  prefill  tokens/s of a cache-filling forward over the same B x L batch.
+  prefill  tokens/s of a cache-filling forward over the same B x L batch that returns the next
+           token's logits (the last position's only, as generation does; transformers
+           `logits_to_keep=1`, moejax `forward_hidden` then `logits` of the last position).
   decode   greedy tokens/s at batch 1 and 16 after a 16-token prompt, N-1 decode steps after the
            first token (moejax: `moejax.infer.Engine.run_batch`, the decode steps' time; the table
            shows the on-device `while_loop` decode (`device_loop=True`), the JSON line also the
@@ -115,9 +117,9 @@ def run_moejax(run_dir: str, s: dict, args) -> dict:
 
   @functools.partial(jax.jit, donate_argnums=(4,))
   def fwd(w, t, p, seg, cache):  # jax.jit on split state: no per-call nnx graph traversal.
-    logits, _, cache = nnx.merge(graphdef, w).forward(t, positions_BxL=p, segment_ids_BxL=seg,
-                                                      cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    m = nnx.merge(graphdef, w)
+    h, _, cache = m.forward_hidden(t, positions_BxL=p, segment_ids_BxL=seg, cache=cache)
+    return jnp.argmax(m.logits(h[:, -1:])[:, 0], axis=-1).astype(jnp.int32), cache
 
   def prefill():
     nxt, _ = fwd(weights, batch["tokens"], batch["positions"], batch["segment_ids"],
@@ -173,7 +175,7 @@ def run_torch(hf_dir: str, s: dict, impl: str, args) -> dict:
 
   def prefill():
     with torch.no_grad():
-      fwd(input_ids=tokens, use_cache=True)
+      fwd(input_ids=tokens, use_cache=True, logits_to_keep=1)
     sync()
 
   prefill()

@@ -40,10 +40,13 @@ def prefill_fn(graphdef, state, cache, tokens_BxL, segment_ids_BxL, positions_Bx
   """Returns (token_B int32 sampled at step 0, cache)."""
   TRACES["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  logits_BxLxV, _, cache = model.forward(tokens_BxL, positions_BxL=positions_BxL,
-                                         segment_ids_BxL=segment_ids_BxL, cache=cache)
+  h_BxLxD, _, cache = model.forward_hidden(tokens_BxL, positions_BxL=positions_BxL,
+                                          segment_ids_BxL=segment_ids_BxL, cache=cache)
+  # Rows are left-padded: the last position is every row's last prompt token; only its logits
+  # are needed (the LM head over all L positions would be most of a short prompt's FLOPs).
+  logits_Bx1xV = model.logits(h_BxLxD[:, -1:])
   keys_B = sampling.row_keys(seed_key, jnp.zeros((), jnp.int32), row_ids_B)
-  next_B = sampling.sample(logits_BxLxV[:, -1], keys_B, temperature, top_k, top_p)
+  next_B = sampling.sample(logits_Bx1xV[:, 0], keys_B, temperature, top_k, top_p)
   return next_B, cache
 
 

@@ -31,12 +31,15 @@ class KVCache:
   k, v: tuples (one entry per layer) of [B, G, S, Dh] (head-major, the layout the attention
   matmuls read without a transpose; MLA: [B, S, 1, R] latents and [B, S, 1, Dr] RoPE keys);
   segment_ids_BxS: int32, 0 = empty/padding; index: int32 scalar, the next slot to write (shared
-  by all rows).
+  by all rows). fresh (static): nothing written yet (as `create` makes it). A forward pass on a
+  fresh cache is a prefill: its tokens attend only among themselves, with causal block skipping,
+  exactly as without a cache (every other slot is empty); the cache it returns is not fresh.
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   segment_ids_BxS: jax.Array
   index: jax.Array
+  fresh: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -49,7 +52,7 @@ class KVCache:
     zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
     return cls(k=zeros, v=tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.num_layers)),
                segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32), fresh=True)
 
   @property
   def max_len(self) -> int:
@@ -181,8 +184,9 @@ class Attention(nnx.Module):
                cache: KVCache | None = None, layer: int = 0):
     """Returns (y_BxLxD, (k_BxGxSxDh, v_BxGxSxDh) or None).
 
-    Without a cache the L tokens attend among themselves (slots 0..L-1; `causal_blocks` skips the
-    key blocks after each query block). With a cache, the new keys and values of layer `layer` are
+    Without a cache, or with a fresh one (prefill), the L tokens attend among themselves (slots
+    0..L-1; `causal_blocks` skips the key blocks after each query block). With a cache, the new
+    keys and values of layer `layer` are
     written at slots cache.index .. cache.index+L-1 and the queries attend over all S slots; the
     updated (k, v) of this layer is returned for the caller to store. The caller keeps
     index + L <= S (dynamic_update_slice would clamp the write otherwise).
@@ -209,10 +213,16 @@ class Attention(nnx.Module):
     k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
-    if cache is None:
+    self_only = cache is None or cache.fresh   # attend among the L new tokens only (slots 0..L-1).
+    if self_only:
       q_slot_L = jnp.arange(length, dtype=jnp.int32)
       k_all, v_all, kv_segment_BxS, new_kv = k_t, v_t, segment_ids_BxL, None
-    else:
+    if cache is not None and cache.fresh:   # prefill: slots 0..L-1 of an empty cache.
+      if length > cache.max_len:
+        raise ValueError(f"Attention: {length} new tokens exceed the cache's {cache.max_len} slots")
+      new_kv = tuple(jax.lax.dynamic_update_slice(c[layer], a.astype(c[layer].dtype), (0, 0, 0, 0))
+                     for c, a in ((cache.k, k_t), (cache.v, v_t)))
+    elif cache is not None:
       if not 0 <= layer < len(cache.k):
         raise ValueError(f"Attention: layer={layer} but the cache holds {len(cache.k)} layers")
       if length > cache.max_len:
@@ -226,7 +236,7 @@ class Attention(nnx.Module):
 
     mask = attention_mask(segment_ids_BxL, kv_segment_BxS, q_slot_L)
     out = causal_blocks(lambda qs, kvs, m: attention_core(*qs, *kvs, m), [q_t], [k_all, v_all],
-                        mask, causal_chunks(length) if cache is None else 1)
+                        mask, causal_chunks(length) if self_only else 1)
     out_BxLxHxDh = out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, -1).astype(dt)
     y = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.wo_HxDhxD[...].astype(dt))
     return y, new_kv

@@ -153,5 +153,5 @@ class Transformer(nnx.Module):
     if cache is not None:
       cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
                             segment_ids_BxS=cache.write_segments(segment_ids_BxL),
-                            index=cache.index + l)
+                            index=cache.index + l, fresh=False)
     return x, aux_stacked, cache

@@ -45,13 +45,7 @@ DENSE = ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_k
 MOE = DENSE.replace(num_experts=4, top_k=2, expert_ff_dim=32, balance=("aux_loss",))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """XLA's optimisation passes dominate compile time on a loaded 2-core CPU; numerics are unchanged."""
-  old = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")   # tests/conftest.py
 
 
 def _model(cfg, seed=0):

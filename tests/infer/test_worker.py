@@ -32,12 +32,7 @@ SUITE = worker.Suite(name="test", max_problems=2, max_new_tokens=6, gen_batch_si
                      throughput_new_tokens=3, throughput_repeats=1, timeout_s=5.0, workers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  old = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")   # tests/conftest.py
 
 
 def _config():

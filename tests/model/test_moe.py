@@ -17,13 +17,7 @@ from moejax.model.moe import AUX_KEYS, MoELayer, RouterBias
 B, L, D, F = 2, 12, 16, 8   # T = 24 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny shapes: XLA compile time dominates on CPU, so skip most optimisation passes here."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")   # tests/conftest.py
 
 
 def _cfg(**kw):

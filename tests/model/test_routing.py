@@ -112,6 +112,19 @@ def test_top_k_exact_ties_break_to_lower_index():
   np.testing.assert_array_equal(routing.top_k(jnp.array([[-0.0, 0.0]]), 1)[1], [[0]])
 
 
+def test_top_k_with_infinities_picks_distinct_experts():
+  """More picks than finite entries: -inf entries follow in index order, never a repeated index
+  (the argmax rounds must rank a taken entry below -inf)."""
+  inf = np.inf
+  rows = jnp.asarray([[-inf, 0.5, -inf, 2.0, -inf], [inf, -inf, inf, -inf, 1.0]], jnp.float32)
+  for k in (3, 5):
+    vals, idx = routing.top_k(rows, k)
+    want = [list(np.lexsort((np.arange(5), -r))[:k]) for r in np.asarray(rows)]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_array_equal(vals, np.take_along_axis(np.asarray(rows), np.asarray(want), 1))
+  np.testing.assert_array_equal(routing.top_k(rows, 3)[1], [[3, 1, 0], [0, 2, 4]])
+
+
 def test_top_k_leading_dims_and_bad_k():
   vals = np.random.default_rng(1).normal(size=(2, 3, 6)).astype(np.float32)
   _, i = routing.top_k(vals, 2)

@@ -198,3 +198,21 @@ def test_moe_model_kv_cache_and_aux_rows():
   ffn.gate_residual_ExE[...] = 50.0 * jax.random.normal(jax.random.key(3), (4, 4))
   changed = _forward(model, tokens, pos, seg, None)[0]
   assert np.abs(np.asarray(changed) - np.asarray(full)).max() > 1e-4
+
+
+def test_prefill_in_two_chunks_equals_full_forward():
+  """A fresh cache takes the self-attention (prefill) path; the second chunk of 3 tokens attends
+  over the cache. Both must give the full forward's logits, and only `create` makes a fresh cache."""
+  model = Transformer(BASE.replace(qk_norm=True), rngs=nnx.Rngs(4))
+  tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 64)
+  seg = jnp.asarray([[1] * 9, [0, 0, 1, 1, 1, 2, 2, 2, 2]], jnp.int32)   # left padding, two docs
+  pos = jnp.asarray([list(range(9)), [0, 0, 0, 1, 2, 0, 1, 2, 3]], jnp.int32)
+  full = np.asarray(_forward(model, tokens, pos, seg, None)[0])
+  cache = model.init_cache(2, 12, jnp.float32)
+  assert cache.fresh
+  first, _, cache = _forward(model, tokens[:, :6], pos[:, :6], seg[:, :6], cache)
+  assert not cache.fresh and int(cache.index) == 6
+  second, _, cache = _forward(model, tokens[:, 6:], pos[:, 6:], seg[:, 6:], cache)
+  got = np.concatenate([np.asarray(first), np.asarray(second)], axis=1)
+  valid = np.asarray(seg) != 0
+  np.testing.assert_allclose(got[valid], full[valid], atol=1e-5, rtol=1e-5)
