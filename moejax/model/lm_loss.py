@@ -23,10 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Bytes of one chunk's fp32 logits. CPU: small enough to stay in the allocator's reused heap (large
-# buffers are mmap-ed and page-faulted afresh on every step); accelerators: large chunks.
-_CHUNK_BYTES = {"cpu": 8 << 20}
-_DEFAULT_CHUNK_BYTES = 512 << 20
+# Bytes of one chunk's fp32 logits on CPU: small enough to stay in the allocator's reused heap
+# (larger buffers are mmap-ed and page-faulted afresh on every step).
+_CPU_CHUNK_BYTES = 8 << 20
 
 
 def next_token_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array):
@@ -39,10 +38,13 @@ def next_token_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array):
 
 
 def default_chunk(batch: int, length: int, vocab: int, backend: str | None = None) -> int:
-  """Positions per chunk: the largest power of two c whose [batch * c, V] fp32 logits fit the
-  backend's chunk budget (8 MiB on CPU), at least 1, at most `length` rounded up to a power of two."""
-  budget = _CHUNK_BYTES.get(backend or jax.default_backend(), _DEFAULT_CHUNK_BYTES)
-  rows = max(1, budget // (4 * max(vocab, 1) * max(batch, 1)))
+  """Positions per chunk. CPU: the largest power of two c whose [batch * c, V] fp32 logits fit
+  8 MiB, at least 1, at most `length` rounded up to a power of two. Other backends: the whole
+  sequence (one chunk): with a batch-sharded mesh every chunk's d W is a cross-device sum, and
+  the loop would repeat that all-reduce per chunk (not measured on accelerators yet)."""
+  if (backend or jax.default_backend()) != "cpu":
+    return max(1, length)
+  rows = max(1, _CPU_CHUNK_BYTES // (4 * max(vocab, 1) * max(batch, 1)))
   chunk = 1 << (rows.bit_length() - 1)
   return min(chunk, 1 << max(0, (length - 1).bit_length()))
 

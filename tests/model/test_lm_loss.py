@@ -103,6 +103,7 @@ def test_default_chunk_and_bad_shapes():
   assert lm_loss.default_chunk(8, 256, 8192, "cpu") == 32      # 8 x 32 x 8192 x 4 B = 8 MiB
   assert lm_loss.default_chunk(1, 5, 8192, "cpu") == 8         # never beyond the sequence
   assert lm_loss.default_chunk(64, 4096, 200_000, "cpu") == 1
+  assert lm_loss.default_chunk(8, 2048, 50_304, "gpu") == 2048   # one chunk off CPU
   h, w, tokens, seg = _inputs()
   targets, mask = lm_loss.next_token_targets(tokens, seg)
   with pytest.raises(ValueError, match="d_model=16"):
