@@ -101,7 +101,6 @@ def _tiny_model():
 
 
 def _step_and_args(model, config, what: str, b: int, l: int):
-  import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -118,7 +117,7 @@ def _step_and_args(model, config, what: str, b: int, l: int):
     return jax.jit(step_lib.make_train_step(graphdef, tx, model.cfg, schedule)), (state, batch)
   graphdef, weights = nnx.split(model)
 
-  @functools.partial(jax.jit)
+  @jax.jit
   def prefill(w, t, p, s):
     m = nnx.merge(graphdef, w)
     h, _, cache = m.forward_hidden(t, positions_BxL=p, segment_ids_BxL=s, cache=m.init_cache(b, l))

@@ -150,9 +150,16 @@ def dot_product_attention(q_BxLxHxDh: jax.Array, k_BxSxGxDh: jax.Array, v_BxSxGx
     raise ValueError(f"attention: {h} query heads not divisible by {g} kv heads")
   q_t = q_BxLxHxDh.reshape(b, l, g, h // g, dh).transpose(0, 2, 3, 1, 4)   # [B, G, R, L, Dh]
   k_t, v_t = k_BxSxGxDh.transpose(0, 2, 1, 3), v_BxSxGxDh.transpose(0, 2, 1, 3)  # [B, G, S, Dh]
-  out = causal_blocks(lambda qs, kvs, m: attention_core(*qs, *kvs, m), [q_t], [k_t, v_t],
-                      mask_BxLxS, chunks)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh).astype(q_BxLxHxDh.dtype)
+  return head_major_attention(q_t, k_t, v_t, mask_BxLxS, chunks).astype(q_BxLxHxDh.dtype)
+
+
+def head_major_attention(q_BxGxRxLxDh: jax.Array, k_BxGxSxDh: jax.Array, v_BxGxSxDh: jax.Array,
+                         mask_BxLxS: jax.Array, chunks: int = 1) -> jax.Array:
+  """`attention_core` under `causal_blocks`, returned token-major: [B, L, H = G*R, Dh] fp32."""
+  b, g, r, l, dh = q_BxGxRxLxDh.shape
+  out = causal_blocks(lambda qs, kvs, m: attention_core(*qs, *kvs, m), [q_BxGxRxLxDh],
+                      [k_BxGxSxDh, v_BxGxSxDh], mask_BxLxS, chunks)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, g * r, dh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,9 +193,9 @@ class Attention(nnx.Module):
 
     Without a cache, or with a fresh one (prefill), the L tokens attend among themselves (slots
     0..L-1; `causal_blocks` skips the key blocks after each query block). With a cache, the new
-    keys and values of layer `layer` are
-    written at slots cache.index .. cache.index+L-1 and the queries attend over all S slots; the
-    updated (k, v) of this layer is returned for the caller to store. The caller keeps
+    keys and values of layer `layer` are written at slots cache.index .. cache.index+L-1 and the
+    queries attend over all S slots; the updated (k, v) of this layer is returned for the caller
+    to store (with a fresh cache too). The caller keeps
     index + L <= S (dynamic_update_slice would clamp the write otherwise).
     """
     dt = self.compute_dtype
@@ -213,30 +220,23 @@ class Attention(nnx.Module):
     k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
-    self_only = cache is None or cache.fresh   # attend among the L new tokens only (slots 0..L-1).
-    if self_only:
-      q_slot_L = jnp.arange(length, dtype=jnp.int32)
-      k_all, v_all, kv_segment_BxS, new_kv = k_t, v_t, segment_ids_BxL, None
-    if cache is not None and cache.fresh:   # prefill: slots 0..L-1 of an empty cache.
-      if length > cache.max_len:
-        raise ValueError(f"Attention: {length} new tokens exceed the cache's {cache.max_len} slots")
-      new_kv = tuple(jax.lax.dynamic_update_slice(c[layer], a.astype(c[layer].dtype), (0, 0, 0, 0))
-                     for c, a in ((cache.k, k_t), (cache.v, v_t)))
-    elif cache is not None:
+    new_kv = None
+    if cache is not None:
       if not 0 <= layer < len(cache.k):
         raise ValueError(f"Attention: layer={layer} but the cache holds {len(cache.k)} layers")
       if length > cache.max_len:
         raise ValueError(f"Attention: {length} new tokens exceed the cache's {cache.max_len} slots")
-      start = (0, 0, cache.index, 0)
-      k_all = jax.lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), start)
-      v_all = jax.lax.dynamic_update_slice(cache.v[layer], v_t.astype(cache.v[layer].dtype), start)
-      kv_segment_BxS = cache.write_segments(segment_ids_BxL)
+      start = (0, 0, cache.index, 0)   # a fresh cache has index 0
+      new_kv = (jax.lax.dynamic_update_slice(cache.k[layer], k_t.astype(cache.k[layer].dtype), start),
+                jax.lax.dynamic_update_slice(cache.v[layer], v_t.astype(cache.v[layer].dtype), start))
+    if cache is None or cache.fresh:   # the L new tokens attend among themselves (slots 0..L-1).
+      q_slot_L = jnp.arange(length, dtype=jnp.int32)
+      k_all, v_all, kv_segment_BxS, chunks = k_t, v_t, segment_ids_BxL, causal_chunks(length)
+    else:
       q_slot_L = cache.index + jnp.arange(length, dtype=jnp.int32)
-      new_kv = (k_all, v_all)
+      (k_all, v_all), kv_segment_BxS, chunks = new_kv, cache.write_segments(segment_ids_BxL), 1
 
     mask = attention_mask(segment_ids_BxL, kv_segment_BxS, q_slot_L)
-    out = causal_blocks(lambda qs, kvs, m: attention_core(*qs, *kvs, m), [q_t], [k_all, v_all],
-                        mask, causal_chunks(length) if self_only else 1)
-    out_BxLxHxDh = out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, -1).astype(dt)
+    out_BxLxHxDh = head_major_attention(q_t, k_all, v_all, mask, chunks).astype(dt)
     y = jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.wo_HxDhxD[...].astype(dt))
     return y, new_kv

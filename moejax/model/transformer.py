@@ -98,12 +98,10 @@ class Transformer(nnx.Module):
 
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
     """LM-head logits [B, L, V] in fp32 of final hidden states from `forward_hidden`."""
-    if self.lm_head_DxV is None:
-      logits_BxLxV = self.embed.attend(h_BxLxD)
-    else:
-      w = self.lm_head_DxV[...].astype(h_BxLxD.dtype)
-      logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, w, preferred_element_type=jnp.float32)
-    return sharding.constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
+    w = self.head_weight_DxV()
+    logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD.astype(w.dtype), w,
+                              preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
   def forward_hidden(self, tokens_BxL: jax.Array, *, positions_BxL: jax.Array | None = None,
                      segment_ids_BxL: jax.Array | None = None, cache: KVCache | None = None,
