@@ -1,9 +1,10 @@
 """Where a jitted step spends its time, per HLO op (a profiling aid; not a test).
 
-    python -m moejax.bench.op_profile --run_dir RUN [--what train|prefill] [--batch 8] [--seq 256]
+    python -m moejax.bench.op_profile --run_dir RUN [--what train|prefill|decode] [--batch 8] [--seq 256]
     python -m moejax.bench.op_profile --tiny            # a small random MoE model, no run needed
 
-Runs the trainer's train step (or a cache-filling prefill) a few times under `jax.profiler.trace`
+Runs the trainer's train step (or a cache-filling prefill, or `--decode_steps` greedy steps of the
+engine's on-device decode loop after a `--seq`-token prefill) a few times under `jax.profiler.trace`
 with XLA CPU's per-op trace events on (`--xla_cpu_enable_xprof_traceme=true`, set before JAX
 starts), reads the trace back with JAX's own xplane reader, and prints the *exclusive* time of every
 op (its own time minus that of ops nested in it, e.g. a while loop minus its body), summed over the
@@ -100,7 +101,31 @@ def _tiny_model():
   return Transformer(cfg, rngs=nnx.Rngs(0)), config
 
 
-def _step_and_args(model, config, what: str, b: int, l: int):
+def decode_loop_and_args(model, tokens_BxL, num_steps: int, params=None):
+  """The engine's decode loop (`moejax.infer.steps.loop_fn`, jitted without donation) and its
+  arguments: a cache filled by the prompts tokens_BxL (no padding, row ids 0..B-1), then num_steps
+  steps sampled with `params` (default greedy), EOS ignored. `fn(*args)[0]` holds the tokens of
+  steps 1..num_steps (step 0 comes from the prefill)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moejax.infer import SamplingParams, steps  # pylint: disable=import-outside-toplevel
+  graphdef, weights = nnx.split(model)
+  tokens = jnp.asarray(tokens_BxL, jnp.int32)
+  b, l = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  params = params or SamplingParams()
+  rows, key, knobs = jnp.arange(b, dtype=jnp.int32), jax.random.key(params.seed), params.as_arrays()
+  next_B, cache = jax.jit(steps.prefill_fn, static_argnums=0)(
+      graphdef, weights, model.init_cache(b, l + num_steps), tokens, jnp.ones((b, l), jnp.int32),
+      positions, key, rows, *knobs)
+  args = (graphdef, weights, cache, next_B, jnp.full((b,), l, jnp.int32), jnp.ones((b,), bool),
+          jnp.ones((), jnp.int32), jnp.asarray(num_steps, jnp.int32), key, rows, *knobs,
+          jnp.full((8,), -1, jnp.int32), jnp.asarray(True), jnp.zeros((b, num_steps), jnp.int32))
+  return jax.jit(steps.loop_fn, static_argnums=0), args
+
+
+def _step_and_args(model, config, what: str, b: int, l: int, decode_steps: int = 16):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -115,6 +140,8 @@ def _step_and_args(model, config, what: str, b: int, l: int):
                                 jax.random.key(0))
     batch = dict(tokens=tokens, positions=positions, segment_ids=segments)
     return jax.jit(step_lib.make_train_step(graphdef, tx, model.cfg, schedule)), (state, batch)
+  if what == "decode":
+    return decode_loop_and_args(model, tokens, decode_steps)
   graphdef, weights = nnx.split(model)
 
   @jax.jit
@@ -130,9 +157,10 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--run_dir", help="a moejax run or converted checkpoint (moejax.load)")
   ap.add_argument("--tiny", action="store_true", help="a small random MoE model instead")
-  ap.add_argument("--what", choices=("train", "prefill"), default="train")
+  ap.add_argument("--what", choices=("train", "prefill", "decode"), default="train")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--decode_steps", type=int, default=16, help="--what decode: steps per run")
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--top", type=int, default=30)
   args = ap.parse_args(argv)
@@ -144,10 +172,11 @@ def main(argv=None) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _TRACE_FLAG).strip()
   import moejax  # pylint: disable=import-outside-toplevel
   model, config = _tiny_model() if args.tiny else moejax.load(args.run_dir)
-  fn, fn_args = _step_and_args(model, config, args.what, args.batch, args.seq)
+  fn, fn_args = _step_and_args(model, config, args.what, args.batch, args.seq, args.decode_steps)
   rows, wall_ms = profile(fn, fn_args, args.runs)
   total = sum(ms for _, ms in rows)
-  print(f"# {args.what}, batch {args.batch} x {args.seq}: wall {wall_ms:.1f} ms per run, "
+  what = f"{args.decode_steps} decode steps after" if args.what == "decode" else args.what
+  print(f"# {what}, batch {args.batch} x {args.seq}: wall {wall_ms:.1f} ms per run, "
         f"exclusive op time {total:.1f} ms summed over threads")
   print("| ms per run | % | op (JAX source name) |\n|---|---|---|")
   for name, ms in rows[:args.top]:
