@@ -1,4 +1,4 @@
-"""Decode-sized routed experts on XLA CPU: five ways to write them, timed (a benchmark, not a test).
+"""Decode-sized routed experts on XLA CPU: seven ways to write them, timed (a benchmark, not a test).
 
     python -m moejax.bench.decode_experts                     # the OLMoE-like CPU shape, batch 16
     python -m moejax.bench.decode_experts --tokens 1 --layers 1
@@ -9,8 +9,11 @@ expert matmuls are weight-streaming GEMVs. This times one MoE layer's routed Swi
 `--layers` layers with distinct weights (4 layers of the CPU shape, 25 MB, do not fit this machine's
 L3, as in the real decode loop), written as:
 
-  tile_loop   `moejax.model.dispatch.dropless` with the XLA ops (what moejax runs: sort, the fused
-              tile loop of `moejax.kernels.xla`, unsort)
+  tile_loop   `moejax.model.dispatch.sorted_experts` with the XLA ops (what `dropless` runs for
+              T*K > E/2: sort, the fused tile loop of `moejax.kernels.xla`, unsort)
+  gathered    `moejax.model.dispatch.gathered` (what `dropless` runs on CPU for T*K <= E/2): every
+              copy's expert weights gathered, three batched matrix-vector products
+  gathered_mul_reduce  the same gathered weights, the products as multiply + reduce
   padded      every expert's rows padded to C slots, three batched matmuls over [E, C, D] (no weight
               copies; exact only while no expert gets more than C rows)
   dense_flat  every token through every expert, weights laid out once outside the loop as [D, 2EF]
@@ -19,7 +22,7 @@ L3, as in the real decode loop), written as:
   mul_reduce  the matmuls as multiply + reduce (XLA loop fusions instead of GEMM calls)
 
 and prints microseconds per layer call and the weight bytes read per microsecond (GB/s), next to
-numpy's read bandwidth. All forms give the same output (checked, `max_abs_diff` vs tile_loop).
+numpy's read bandwidth. All forms give the same output (`max_abs_diff` vs tile_loop) unless an expert gets more than C rows.
 Results of the 2-core CPU are in docs/benchmarks.md ("Decode at batch 16, looked at again").
 """
 
@@ -75,7 +78,7 @@ def tile_loop(x, layer, top_k, capacity):
   del capacity
   router, wg, wu, wd = layer
   idx, gates = _route(x, router, top_k)
-  return dispatch.dropless(x, idx, gates, wg, wu, wd, get_ops("xla"))
+  return dispatch.sorted_experts(x, idx, gates, wg, wu, wd, get_ops("xla"))
 
 
 def padded(x, layer, top_k, capacity):
@@ -103,6 +106,22 @@ def mul_reduce(x, layer, top_k, capacity):
   return _combine(jnp.sum(h[:, :, :, None] * wd[:, None], axis=2), slot, gates)
 
 
+def gathered_mul_reduce(x, layer, top_k, capacity):
+  del capacity
+  router, wg, wu, wd = layer
+  idx, gates = _route(x, router, top_k)
+  xb = x[:, None, :, None]                                  # [T, 1, D, 1]
+  h = jax.nn.silu(jnp.sum(xb * wg[idx], axis=2)) * jnp.sum(xb * wu[idx], axis=2)   # [T, K, F]
+  return jnp.einsum("tkd,tk->td", jnp.sum(h[..., None] * wd[idx], axis=2), gates)
+
+
+def gathered(x, layer, top_k, capacity):
+  del capacity
+  router, wg, wu, wd = layer
+  idx, gates = _route(x, router, top_k)
+  return dispatch.gathered(x, idx, gates, wg, wu, wd)
+
+
 def flat_layout(layer):
   """(router, [D, 2EF] gate|up, [EF, D] down): the dense_flat layout, built once per call."""
   router, wg, wu, wd = layer
@@ -124,7 +143,7 @@ def dense_flat(x, layer, top_k, capacity):
 
 
 FORMS = {"tile_loop": tile_loop, "padded": padded, "dense_flat": dense_flat, "unrolled": unrolled,
-         "mul_reduce": mul_reduce}
+         "mul_reduce": mul_reduce, "gathered": gathered, "gathered_mul_reduce": gathered_mul_reduce}
 
 
 def run_form(name: str, x, layers, top_k: int, capacity: int, steps: int):
@@ -181,7 +200,8 @@ def main(argv=None) -> None:
   print(f"# T={args.tokens} tokens, E={args.experts}, top-{args.top_k}, D={args.d_model}, "
         f"F={args.expert_ff}, {args.layers} layers of {weight_mb:.1f} MB expert weights, C="
         f"{args.capacity}; numpy read {numpy_read_gbps():.1f} GB/s (one thread)")
-  print("| form | us per layer | GB/s of expert weights | max_abs_diff vs tile_loop |\n|---|---|---|---|")
+  print("| form | us per layer | GB/s (all E experts' weights / time) | max_abs_diff vs tile_loop |"
+        "\n|---|---|---|---|")
   compiled = {n: run_form(n, x, layers, args.top_k, args.capacity, args.steps) for n in forms}
   outputs = {n: jax.block_until_ready(fn(x, layers)) for n, fn in compiled.items()}
   best = {n: float("inf") for n in forms}

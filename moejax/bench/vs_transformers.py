@@ -20,7 +20,8 @@ the peak resident memory, `ru_maxrss`, is that framework's alone):
 moejax's train step is checked not to retrace or recompile after its warm-up step (the state is
 committed to the device first, so the donated outputs have the inputs' placement).
 transformers settings: `experts_implementation` "eager" (the per-expert loop), "grouped_mm",
-"batched_mm", and with --compile `torch.compile` of the model (training and prefill only).
+"batched_mm", and with --compile `torch.compile` of the model (training and prefill) and
+`generate`'s compiled decoding (static cache + `CompileConfig`, forced on for CPU).
 CPU shapes follow the issue: d_model 256, 4 layers, 16 experts of ff 128, top-4, vocab 8192,
 batch 8 x 256, fp32. --gpu uses the issue's GPU OLMoE shape (d_model 2048, 64 experts of ff 1024,
 top-8, vocab 50304, batch 8 x 2048, bf16).
@@ -180,9 +181,12 @@ def run_torch(hf_dir: str, s: dict, impl: str, args) -> dict:
 
   prefill()
   out["prefill"] = b * l / _timed(prefill, args.repeats)
-  if args.compile:
-    return out
   n, p = args.decode_tokens, 16
+  compiled = {}
+  if args.compile:  # generate's own torch.compile path: a static cache and a compiled forward.
+    config = transformers.CompileConfig(fullgraph=False)
+    config._compile_all_devices = True  # pylint: disable=protected-access  # off CUDA too (CPU)
+    compiled = dict(cache_implementation="static", compile_config=config)
   for db in (1, 16):
     prompt = torch.randint(1, s["vocab"], (db, p), generator=g).to(device)
 
@@ -190,11 +194,12 @@ def run_torch(hf_dir: str, s: dict, impl: str, args) -> dict:
       with torch.no_grad():
         t0 = time.perf_counter()
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k,
-                       min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0)
+                       min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       **compiled)
         sync()
         return time.perf_counter() - t0
 
-    gen(2)
+    gen(n)  # warm-up (with --compile: compiles the decode step for this cache shape)
     pairs = [(gen(n), gen(1)) for _ in range(args.repeats)]  # interleaved: same load for both
     t_n, t_1 = min(p[0] for p in pairs), min(p[1] for p in pairs)
     if t_n > t_1:  # else the machine's noise exceeded the decode time: no number

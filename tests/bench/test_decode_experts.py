@@ -1,4 +1,4 @@
-"""The decode-expert benchmark's five formulations compute the same routed experts."""
+"""The decode-expert benchmark's formulations compute the same routed experts."""
 import jax
 import numpy as np
 import pytest

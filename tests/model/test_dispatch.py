@@ -79,6 +79,35 @@ def test_ids_beyond_experts_contribute_nothing():
   assert float(dropped) == 0.0
 
 
+@pytest.mark.parametrize("t,k", [(T, K), (1, 2), (3, 1)])
+def test_gathered_matches_numpy_loop_with_skipped_ids(t, k):
+  x, idx, gates, wg, wu, wd = _problem(8 + t, num_ids=E + 2, t=t, k=k)
+  idx[0, 0] = E + 1   # a MoE++ / padding id: contributes nothing
+  args = tuple(map(jnp.asarray, (x, idx, gates, wg, wu, wd)))
+  y = jax.jit(dispatch.gathered)(*args)
+  assert y.dtype == jnp.float32 and y.shape == (t, D)
+  np.testing.assert_allclose(np.asarray(y), _np_moe(x, idx, gates, wg, wu, wd), rtol=1e-4, atol=1e-5)
+
+  def loss(fn, *a):
+    return jnp.sum(jnp.sin(fn(a[0], args[1], *a[1:])))
+
+  grads = [jax.grad(lambda *a, fn=fn: loss(fn, *a), argnums=range(5))(*args[:1], *args[2:])
+           for fn in (dispatch.gathered,
+                      lambda *a: dispatch.capacity(*a, t)[0])]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_dropless_takes_the_gathered_form_for_decode_sized_inputs_on_cpu():
+  def jaxpr(t):
+    x, idx, gates, wg, wu, wd = _problem(9, t=t)
+    return str(jax.make_jaxpr(lambda *a: dispatch.dropless(*a, get_ops("xla")))(
+        *map(jnp.asarray, (x, idx, gates, wg, wu, wd))))
+  if jax.default_backend() == "cpu":
+    assert "sort[" not in jaxpr(1) and "while[" not in jaxpr(1)   # T*K = 2 <= E/2: gathered
+    assert "sort[" in jaxpr(2) and "while[" in jaxpr(2)           # T*K = 4 > E/2: sort + tiles
+
+
 def test_capacity_equals_dropless_when_nothing_dropped():
   x, idx, gates, wg, wu, wd = _problem(2)
   args = tuple(map(jnp.asarray, (x, idx, gates, wg, wu, wd)))
