@@ -240,7 +240,7 @@ class Engine:
         break
       args = (run["state"], cache, next_B, jnp.asarray(pos), jnp.asarray(active),
               jnp.asarray(step, jnp.int32), run["seed_key"], run["rows"]) + run["knobs"]
-      if decode is None:  # the key hashes the graph and every state shape: once per batch.
+      if decode is None:  # once per batch (memoised per engine: see `_executable`).
         decode = self._executable("decode", run["shape_key"], args, run["avals"])
       next_B, cache, experts_L = decode(*args)
       host = np.asarray(next_B)

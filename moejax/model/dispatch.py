@@ -13,7 +13,7 @@ nothing here: the caller adds their output separately.
   (T*K <= E/2 copies) take `gathered` instead: no sort, no loop.
 - `gathered`: each copy multiplies its own expert's weights, gathered per copy ([T, K, D, F]), in
   three batched matrix-vector products. It reads one expert's weights per copy, so it only pays
-  when few copies share an expert; on XLA CPU it was ~1.4-2x faster than the tile loop for
+  when few copies share an expert; on XLA CPU it was ~1.4-2.4x faster than the tile loop for
   T*K <= E/2 (`python -m moejax.bench.decode_experts`, docs/benchmarks.md).
 - `capacity`: GShard (arXiv 2006.16668 §2.2, Algorithm 1) fixed-capacity dispatch. Every expert
   holds at most C copies; positions come from a cumulative sum over one-hot assignments in which all
