@@ -146,7 +146,7 @@ FORMS = {"tile_loop": tile_loop, "padded": padded, "dense_flat": dense_flat, "un
          "mul_reduce": mul_reduce, "gathered": gathered, "gathered_mul_reduce": gathered_mul_reduce}
 
 
-def run_form(name: str, x, layers, top_k: int, capacity: int, steps: int):
+def run_form(name: str, top_k: int, capacity: int, steps: int):
   """A jitted function: `steps` decode-like steps through every layer (residual updates)."""
   form = FORMS[name]
 
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
         f"{args.capacity}; numpy read {numpy_read_gbps():.1f} GB/s (one thread)")
   print("| form | us per layer | GB/s (all E experts' weights / time) | max_abs_diff vs tile_loop |"
         "\n|---|---|---|---|")
-  compiled = {n: run_form(n, x, layers, args.top_k, args.capacity, args.steps) for n in forms}
+  compiled = {n: run_form(n, args.top_k, args.capacity, args.steps) for n in forms}
   outputs = {n: jax.block_until_ready(fn(x, layers)) for n, fn in compiled.items()}
   best = {n: float("inf") for n in forms}
   for _ in range(args.repeats):   # interleaved: this VM drifts by ~20% over minutes.

@@ -10,7 +10,7 @@ def test_every_form_equals_the_tile_loop_when_no_expert_overflows():
   layers = decode_experts.make_layers(2, 8, 32, 16)
   x = jax.random.normal(jax.random.key(1), (6, 32))
   # capacity = tokens: an expert gets each token at most once, so the padded forms drop nothing.
-  out = {name: np.asarray(decode_experts.run_form(name, x, layers, 2, 6, 3)(x, layers))
+  out = {name: np.asarray(decode_experts.run_form(name, 2, 6, 3)(x, layers))
          for name in decode_experts.FORMS}
   assert np.abs(out["tile_loop"] - np.asarray(x)).max() > 1e-2   # the experts changed x
   for name, got in out.items():
