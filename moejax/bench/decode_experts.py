@@ -22,7 +22,8 @@ L3, as in the real decode loop), written as:
   mul_reduce  the matmuls as multiply + reduce (XLA loop fusions instead of GEMM calls)
 
 and prints microseconds per layer call and the weight bytes read per microsecond (GB/s), next to
-numpy's read bandwidth. All forms give the same output (`max_abs_diff` vs tile_loop) unless an expert gets more than C rows.
+numpy's read bandwidth. All forms give the same output (`max_abs_diff` vs tile_loop) unless an
+expert gets more than C rows (the padded forms then drop copies in GShard priority order).
 Results of the 2-core CPU are in docs/benchmarks.md ("Decode at batch 16, looked at again").
 """
 
@@ -56,22 +57,30 @@ def _route(x_TxD, router_DxE, top_k: int):
 
 
 def _padded_rows(x_TxD, idx_TxK, num_experts: int, capacity: int):
-  """x gathered into [E, C, D] (zeros in empty slots) and each copy's flat slot [T, K]."""
+  """x gathered into [E, C, D] (zeros in empty slots) and each copy's flat slot [T, K]; copies past
+  C in GShard priority order (`dispatch.priority_positions`) go to the dump slot E * C."""
   t, k = idx_TxK.shape
-  onehot = jax.nn.one_hot(idx_TxK.reshape(-1), num_experts, dtype=jnp.int32)
-  position = jnp.sum((jnp.cumsum(onehot, 0) - onehot) * onehot, -1)
-  slot_M = jnp.where(position < capacity, idx_TxK.reshape(-1) * capacity + position,
-                     num_experts * capacity)
-  source = jnp.full((num_experts * capacity + 1,), t, jnp.int32).at[slot_M].set(
+  position_TxK, _ = dispatch.priority_positions(idx_TxK, num_experts)
+  slot_TxK = jnp.where(position_TxK < capacity, idx_TxK * capacity + position_TxK,
+                       num_experts * capacity)
+  source = jnp.full((num_experts * capacity + 1,), t, jnp.int32).at[slot_TxK.reshape(-1)].set(
       jnp.arange(t * k, dtype=jnp.int32) // k)
   x_pad = jnp.concatenate([x_TxD, jnp.zeros_like(x_TxD[:1])])
-  return x_pad[source[:-1]].reshape(num_experts, capacity, -1), slot_M.reshape(t, k)
+  return x_pad[source[:-1]].reshape(num_experts, capacity, -1), slot_TxK
 
 
-def _combine(out_ExCxD, slot_TxK, gates_TxK):
-  e, c, d = out_ExCxD.shape
-  flat = jnp.concatenate([out_ExCxD.reshape(e * c, d), jnp.zeros((1, d), out_ExCxD.dtype)])
-  return jnp.einsum("tkd,tk->td", flat[slot_TxK], gates_TxK)
+def _padded_form(experts_fn):
+  """A form over padded rows: route, pad to [E, C, D], experts_fn(x_ExCxD, wg, wu, wd) ->
+  out [E, C, D], combine with the gates (dump-slot copies get zeros)."""
+  def form(x, layer, top_k, capacity):
+    router, wg, wu, wd = layer
+    idx, gates = _route(x, router, top_k)
+    x_ExCxD, slot_TxK = _padded_rows(x, idx, wg.shape[0], capacity)
+    out_ExCxD = experts_fn(x_ExCxD, wg, wu, wd)
+    e, c, d = out_ExCxD.shape
+    flat = jnp.concatenate([out_ExCxD.reshape(e * c, d), jnp.zeros((1, d), out_ExCxD.dtype)])
+    return jnp.einsum("tkd,tk->td", flat[slot_TxK], gates)
+  return form
 
 
 def tile_loop(x, layer, top_k, capacity):
@@ -81,29 +90,23 @@ def tile_loop(x, layer, top_k, capacity):
   return dispatch.sorted_experts(x, idx, gates, wg, wu, wd, get_ops("xla"))
 
 
-def padded(x, layer, top_k, capacity):
-  router, wg, wu, wd = layer
-  idx, gates = _route(x, router, top_k)
-  x_ExCxD, slot = _padded_rows(x, idx, wg.shape[0], capacity)
+@_padded_form
+def padded(x_ExCxD, wg, wu, wd):
   h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ExCxD, wg)) * jnp.einsum("ecd,edf->ecf", x_ExCxD, wu)
-  return _combine(jnp.einsum("ecf,efd->ecd", h, wd), slot, gates)
+  return jnp.einsum("ecf,efd->ecd", h, wd)
 
 
-def unrolled(x, layer, top_k, capacity):
-  router, wg, wu, wd = layer
-  idx, gates = _route(x, router, top_k)
-  x_ExCxD, slot = _padded_rows(x, idx, wg.shape[0], capacity)
-  outs = [(jax.nn.silu(x_ExCxD[i] @ wg[i]) * (x_ExCxD[i] @ wu[i])) @ wd[i] for i in range(wg.shape[0])]
-  return _combine(jnp.stack(outs), slot, gates)
+@_padded_form
+def unrolled(x_ExCxD, wg, wu, wd):
+  return jnp.stack([(jax.nn.silu(x_ExCxD[i] @ wg[i]) * (x_ExCxD[i] @ wu[i])) @ wd[i]
+                    for i in range(wg.shape[0])])
 
 
-def mul_reduce(x, layer, top_k, capacity):
-  router, wg, wu, wd = layer
-  idx, gates = _route(x, router, top_k)
-  x_ExCxD, slot = _padded_rows(x, idx, wg.shape[0], capacity)
+@_padded_form
+def mul_reduce(x_ExCxD, wg, wu, wd):
   xb = x_ExCxD[:, :, :, None]
   h = jax.nn.silu(jnp.sum(xb * wg[:, None], axis=2)) * jnp.sum(xb * wu[:, None], axis=2)
-  return _combine(jnp.sum(h[:, :, :, None] * wd[:, None], axis=2), slot, gates)
+  return jnp.sum(h[:, :, :, None] * wd[:, None], axis=2)
 
 
 def gathered_mul_reduce(x, layer, top_k, capacity):
