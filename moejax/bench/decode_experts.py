@@ -1,4 +1,4 @@
-"""Decode-sized routed experts on XLA CPU: seven ways to write them, timed (a benchmark, not a test).
+"""Decode-sized routed experts on XLA CPU: seven ways to write them, timed (a benchmark).
 
     python -m moejax.bench.decode_experts                     # the OLMoE-like CPU shape, batch 16
     python -m moejax.bench.decode_experts --tokens 1 --layers 1
@@ -47,7 +47,8 @@ def make_layers(num_layers: int, e: int, d: int, f: int, seed: int = 0):
   for i in range(num_layers):
     k = keys[4 * i:4 * i + 4]
     layers.append((jax.random.normal(k[0], (d, e)), 0.05 * jax.random.normal(k[1], (e, d, f)),
-                   0.05 * jax.random.normal(k[2], (e, d, f)), 0.05 * jax.random.normal(k[3], (e, f, d))))
+                   0.05 * jax.random.normal(k[2], (e, d, f)),
+                   0.05 * jax.random.normal(k[3], (e, f, d))))
   return layers
 
 
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
   ap.add_argument("--d_model", type=int, default=256)
   ap.add_argument("--expert_ff", type=int, default=128)
   ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--capacity", type=int, default=8, help="slots per expert (padded, unrolled, ...)")
+  ap.add_argument("--capacity", type=int, default=8, help="slots per expert (the padded forms)")
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--forms", default=",".join(FORMS))
